@@ -1,0 +1,26 @@
+# The README's two commands. Both create .venv from requirements.txt when it is missing
+# (torch first, from its pinned CPU/CUDA wheel, so pip never swaps in another build).
+PY ?= python3.11
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test venv clean
+
+$(STAMP): requirements.txt
+	@test -x $(PYTHON) || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet "$$(grep -E '^torch==' requirements.txt)"
+	$(PYTHON) -m pip install --quiet -r requirements.txt
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	./launch.sh
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -q tests
+
+clean:
+	rm -rf runs/demo data/demo

@@ -1,0 +1,88 @@
+"""`DataConfig`: every knob of the data pipeline, typed and documented in place.
+
+The top-level config loader builds it from the `data:` section of a YAML recipe by field name,
+so this stays a plain dataclass with defaults. `validate()` raises ValueError naming the field.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class DataConfig:
+    # Directory holding manifest.json and the shards it lists (e.g. data/demo).
+    root: str = "data/demo"
+    # Data sources mixed in training; source_ids in PackedBatch index into this list.
+    sources: list[str] = field(default_factory=lambda: ["caption", "interleaved", "text"])
+    # Mixture weights, one per source, as fractions of rows (paper: 45/45/10); normalised here.
+    weights: list[float] = field(default_factory=lambda: [0.45, 0.45, 0.10])
+    # Tokens per packed row (T).
+    seq_len: int = 256
+    # Side of the square image fed to the model, in pixels (after crop/resize).
+    image_size: int = 32
+    # Side of a square patch in pixels; image_size must be a multiple of it.
+    patch_size: int = 8
+    # Threads decoding/augmenting documents ahead of use (0: all in the calling thread); exact either way.
+    num_workers: int = 0
+    # Seed of every random choice (shard order, sample order, augmentation, mixture).
+    seed: int = 0
+    # Documents (or document pieces) held in the best-fit packing buffer, per source.
+    pack_buffer: int = 64
+    # Random resized crop: smallest fraction of the image area kept (paper: 0.4).
+    crop_scale_min: float = 0.4
+    # Random resized crop: largest fraction of the image area kept (paper: 1.0).
+    crop_scale_max: float = 1.0
+    # Probability of a horizontal flip (paper: 0.5).
+    hflip_prob: float = 0.5
+    # Augment training images (crop + flip); evaluation never augments.
+    augment: bool = True
+    # Tokenizer model path; None means the manifest's tokenizer (relative to root).
+    tokenizer: Optional[str] = None
+
+    @property
+    def n_patches(self) -> int:
+        """Patch positions per image."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per flattened patch: C * p * p with C = 3 (RGB)."""
+        return 3 * self.patch_size * self.patch_size
+
+    def normalized_weights(self) -> list[float]:
+        s = float(sum(self.weights))
+        return [w / s for w in self.weights]
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        if not self.root:
+            raise ValueError("DataConfig.root: empty; expected the directory holding manifest.json")
+        if not self.sources:
+            raise ValueError("DataConfig.sources: empty list")
+        if len(set(self.sources)) != len(self.sources):
+            raise ValueError(f"DataConfig.sources: duplicates in {self.sources}")
+        if len(self.sources) > 127:
+            raise ValueError("DataConfig.sources: at most 127 sources (source_ids are int8)")
+        if len(self.weights) != len(self.sources):
+            raise ValueError(f"DataConfig.weights: {len(self.weights)} weights for {len(self.sources)} sources")
+        if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+            raise ValueError(f"DataConfig.weights: must be >= 0 with a positive sum, got {self.weights}")
+        if self.patch_size <= 0:
+            raise ValueError(f"DataConfig.patch_size: must be > 0, got {self.patch_size}")
+        if self.image_size <= 0 or self.image_size % self.patch_size:
+            raise ValueError(f"DataConfig.image_size: {self.image_size} is not a positive multiple "
+                             f"of patch_size {self.patch_size}")
+        # The smallest row must hold BOS, one whole image span (<boi> patches <eoi>) and EOS.
+        if self.seq_len < self.n_patches + 4:
+            raise ValueError(f"DataConfig.seq_len: {self.seq_len} cannot hold one image "
+                             f"({self.n_patches} patches + markers + BOS/EOS)")
+        if self.num_workers < 0:
+            raise ValueError(f"DataConfig.num_workers: must be >= 0, got {self.num_workers}")
+        if self.pack_buffer < 1:
+            raise ValueError(f"DataConfig.pack_buffer: must be >= 1, got {self.pack_buffer}")
+        if not 0 < self.crop_scale_min <= self.crop_scale_max <= 1.0:
+            raise ValueError(f"DataConfig.crop_scale_min/crop_scale_max: need 0 < min <= max <= 1, "
+                             f"got {self.crop_scale_min}, {self.crop_scale_max}")
+        if not 0.0 <= self.hflip_prob <= 1.0:
+            raise ValueError(f"DataConfig.hflip_prob: must be in [0, 1], got {self.hflip_prob}")

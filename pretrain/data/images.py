@@ -1,0 +1,109 @@
+"""Image decoding, augmentation and patchification (Pillow + torch, no torchvision).
+
+Normalisation: pixels are scaled to [0, 1] and then mapped to [-1, 1] with mean 0.5 and std 0.5
+per channel (the same for all channels). We do not use ImageNet statistics because the model
+has no pretrained vision encoder that would expect them.
+
+Patch layout: an image of side S is cut into (S/p)^2 patches in raster (row-major) order; each
+patch is flattened channel-first, i.e. index c*p*p + y*p + x, giving C*p*p = 3*p*p values.
+"""
+from __future__ import annotations
+
+import io
+import math
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+MEAN = 0.5
+STD = 0.5
+
+ImageLike = Union[Image.Image, bytes, torch.Tensor, np.ndarray]
+
+
+def to_pil(img: ImageLike) -> Image.Image:
+    """Accept a PIL image, encoded bytes, or a uint8 array/tensor [3,H,W] or [H,W,3]; return RGB."""
+    if isinstance(img, Image.Image):
+        return img.convert("RGB")
+    if isinstance(img, (bytes, bytearray)):
+        try:
+            with Image.open(io.BytesIO(img)) as im:
+                return im.convert("RGB")
+        except Exception as e:  # PIL raises several types for corrupt data
+            raise ValueError(f"to_pil: cannot decode image bytes ({e})") from e
+    if isinstance(img, torch.Tensor):
+        img = img.detach().cpu().numpy()
+    if isinstance(img, np.ndarray):
+        if img.ndim == 3 and img.shape[0] == 3 and img.shape[-1] != 3:
+            img = img.transpose(1, 2, 0)
+        if img.ndim != 3 or img.shape[-1] != 3 or img.dtype != np.uint8:
+            raise ValueError(f"to_pil: expected uint8 [3,H,W] or [H,W,3], got {img.dtype} {img.shape}")
+        return Image.fromarray(np.ascontiguousarray(img), "RGB")
+    raise ValueError(f"to_pil: unsupported image type {type(img).__name__}")
+
+
+def random_resized_crop(img: Image.Image, size: int, scale: tuple[float, float],
+                        rng: np.random.Generator, ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
+    """Crop a random area fraction in `scale` with log-uniform aspect in `ratio`, resize to size².
+
+    Same recipe as the usual RandomResizedCrop: 10 tries, then fall back to a centre crop.
+    """
+    W, H = img.size
+    area = W * H
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= W and 0 < h <= H:
+            x0 = int(rng.integers(0, W - w + 1))
+            y0 = int(rng.integers(0, H - h + 1))
+            return img.resize((size, size), Image.BICUBIC, box=(x0, y0, x0 + w, y0 + h))
+    return eval_resize(img, size)
+
+
+def eval_resize(img: Image.Image, size: int) -> Image.Image:
+    """Deterministic evaluation transform: centre square crop, resize to size²."""
+    W, H = img.size
+    s = min(W, H)
+    x0, y0 = (W - s) // 2, (H - s) // 2
+    return img.resize((size, size), Image.BICUBIC, box=(x0, y0, x0 + s, y0 + s))
+
+
+def patchify(img: Image.Image, patch_size: int) -> torch.Tensor:
+    """RGB image of side S -> normalised patches [(S/p)^2, 3*p*p] (see module docstring)."""
+    x_HWC = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).float().div_(255.0)
+    x_HWC = (x_HWC - MEAN) / STD
+    H, W, C = x_HWC.shape
+    p = patch_size
+    if H % p or W % p:
+        raise ValueError(f"patchify: image {W}x{H} is not a multiple of patch_size {p}")
+    x = x_HWC.permute(2, 0, 1).reshape(C, H // p, p, W // p, p)
+    return x.permute(1, 3, 0, 2, 4).reshape((H // p) * (W // p), C * p * p).contiguous()
+
+
+def unpatchify(patches_ND: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Inverse of patchify (for tests and visualisation): -> uint8 [H, W, 3]."""
+    N, D = patches_ND.shape
+    p = patch_size
+    g = int(round(math.sqrt(N)))
+    x = patches_ND.reshape(g, g, 3, p, p).permute(0, 3, 1, 4, 2).reshape(g * p, g * p, 3)
+    return (x * STD + MEAN).mul(255).round().clamp(0, 255).to(torch.uint8)
+
+
+def process_image(img: ImageLike, image_size: int, patch_size: int, *, augment: bool,
+                  scale: tuple[float, float] = (0.4, 1.0), hflip_prob: float = 0.5,
+                  rng: np.random.Generator | None = None) -> torch.Tensor:
+    """Decode, (augment or centre-resize), patchify: -> float [n_patches, 3*p*p]."""
+    pil = to_pil(img)
+    if augment:
+        if rng is None:
+            raise ValueError("process_image: augment=True needs an rng")
+        pil = random_resized_crop(pil, image_size, scale, rng)
+        if rng.random() < hflip_prob:
+            pil = pil.transpose(Image.FLIP_LEFT_RIGHT)
+    else:
+        pil = eval_resize(pil, image_size)
+    return patchify(pil, patch_size)

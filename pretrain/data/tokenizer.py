@@ -1,0 +1,84 @@
+"""SentencePiece tokenizer: training and a small wrapper with the special ids.
+
+Special pieces, all CONTROL symbols (sentencepiece never produces them from raw text, so a
+document containing the string "<boi>" cannot forge an image marker):
+    <pad> = 0, <unk> = 1, <s> (BOS) = 2, </s> (EOS) = 3, <boi> = 4, <eoi> = 5.
+Byte fallback is on, so any UTF-8 text round-trips without <unk>.
+
+Train from the command line with `python tools/train_tokenizer.py --input a.txt --output PREFIX`.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Union
+
+import sentencepiece as spm
+
+BOI, EOI = "<boi>", "<eoi>"
+
+
+def train_tokenizer(text_files_or_iter: Union[str, list[str], Iterable[str]], prefix: str,
+                    vocab_size: int = 512, model_type: str = "bpe", *,
+                    max_sentence_length: int = 16384, num_threads: int = 2) -> str:
+    """Train a sentencepiece model; returns the path of PREFIX.model.
+
+    `text_files_or_iter` is a path, a list of paths (one sentence per line), or an iterable of
+    strings. vocab_size is a soft limit, so a small corpus never fails for lack of pieces.
+    """
+    kwargs = dict(
+        model_prefix=prefix, vocab_size=vocab_size, model_type=model_type,
+        pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+        pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+        control_symbols=[BOI, EOI], byte_fallback=True, hard_vocab_limit=False,
+        character_coverage=1.0, max_sentence_length=max_sentence_length,
+        num_threads=num_threads, minloglevel=2,
+        # Digits split one by one, as in most LLM tokenizers; keeps numbers compositional.
+        split_digits=True,
+        # No NFKC, whitespace kept as written (tabs, runs of spaces): text round-trips exactly.
+        remove_extra_whitespaces=False, normalization_rule_name="identity",
+    )
+    if os.path.dirname(prefix):
+        os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    if isinstance(text_files_or_iter, str):
+        text_files_or_iter = [text_files_or_iter]
+    if isinstance(text_files_or_iter, (list, tuple)) and all(isinstance(p, str) and os.path.isfile(p)
+                                                              for p in text_files_or_iter):
+        spm.SentencePieceTrainer.train(input=",".join(text_files_or_iter), **kwargs)
+    else:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(text_files_or_iter), **kwargs)
+    return prefix + ".model"
+
+
+class Tokenizer:
+    """Thin wrapper: `.encode(str) -> list[int]` (no BOS/EOS added), `.decode(ids)`, special ids."""
+
+    def __init__(self, path: str):
+        if not os.path.isfile(path):
+            raise ValueError(f"Tokenizer: model file not found: {path}")
+        self.path = path
+        self.sp = spm.SentencePieceProcessor(model_file=path)
+        self.bos_id = self.sp.bos_id()
+        self.eos_id = self.sp.eos_id()
+        self.pad_id = self.sp.pad_id()
+        self.boi_id = self.sp.piece_to_id(BOI)
+        self.eoi_id = self.sp.piece_to_id(EOI)
+        if min(self.bos_id, self.eos_id, self.pad_id) < 0 or self.boi_id == self.sp.unk_id() \
+                or self.eoi_id == self.sp.unk_id():
+            raise ValueError(f"Tokenizer {path}: missing one of <s> </s> <pad> <boi> <eoi>")
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text, out_type=int)
+
+    def decode(self, ids) -> str:
+        # Drop ids outside the vocabulary (e.g. arbitrary ids at patch positions).
+        return self.sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(int(i))
+
+    def __getstate__(self):
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])

@@ -1,0 +1,305 @@
+"""Pretraining entry point, run under the DeepSpeed launcher (see ../launch.sh):
+
+    deepspeed --num_gpus 8 pretrain/train.py --config pretrain/configs/demo.yaml train.max_steps=200
+
+or as one plain process (world size 1), for debugging and tests:
+
+    python -m pretrain.train --config pretrain/configs/demo.yaml train.max_steps=20
+
+The run directory (`run.dir`) receives the resolved config, `metrics.jsonl`, checkpoints, wandb's
+offline files, `loss.png` and, when training completes, `summary.json`. Started again in the same
+directory, a run resumes from its newest complete checkpoint (weights, optimizer, schedule, data
+position, RNG) and continues exactly as if it had not stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by the DeepSpeed launcher
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.distributed as dist
+
+from pretrain import checkpoint
+from pretrain.config import ConfigError, RunConfig, load_config, save_config
+from pretrain.ds_config import build_ds_config
+from pretrain.evaluation import caption_word_accuracy, evaluate_sources
+from pretrain.metrics import MetricsLogger, plot_losses
+from pretrain.optim import build_optimizer, param_groups
+from pretrain.schedule import lr_multiplier
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the process group the launcher set up (or make a world of one)."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # plain `python -m pretrain.train`
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _mean_over_ranks(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return (t / dist.get_world_size()).tolist()
+
+
+def _write_resolved_config(cfg: RunConfig, run_dir: Path) -> None:
+    path = run_dir / "config.yaml"
+    if path.is_file():
+        import yaml
+        old = yaml.safe_load(path.read_text())
+        new = cfg.to_dict()
+        changed = [f"{s}.{k}" for s in new for k in new[s]
+                   if isinstance(old, dict) and old.get(s, {}).get(k) != new[s][k]]
+        if changed:
+            print(f"[train] warning: config changed since this run started: {', '.join(changed)}; "
+                  f"the old one is kept as config.prev.yaml", flush=True)
+            path.replace(run_dir / "config.prev.yaml")
+    save_config(cfg, path)
+
+
+def build_eval_sets(cfg: RunConfig, rank: int, world: int) -> dict:
+    from pretrain.data.loader import build_eval_batches
+    from pretrain.data.shards import load_manifest
+
+    manifest = load_manifest(cfg.data.root)
+    sets = {}
+    for source in cfg.data.sources:
+        if not manifest.select(source, "val"):
+            print(f"[train] warning: no held-out shards for source '{source}'; it is not evaluated",
+                  flush=True) if rank == 0 else None
+            continue
+        sets[source] = build_eval_batches(cfg.data, source, rank=rank, world_size=world,
+                                          micro_batch_size=cfg.train.micro_batch_size,
+                                          max_batches=cfg.train.eval_batches)
+    return sets
+
+
+def run_image_probe(model, cfg: RunConfig, rank: int, world: int, device) -> dict:
+    """Demo check that the model reads pixels: colour/shape word accuracy, real images vs noise."""
+    from pretrain.data.demo import probe_examples
+    from pretrain.data.loader import load_tokenizer
+    from pretrain.data.packing import Document, pack_documents
+
+    tok = load_tokenizer(cfg.data)
+    per_rank = cfg.train.probe_examples // world
+    examples = probe_examples(cfg.data.root, "val", per_rank * world)[rank * per_rank:(rank + 1) * per_rank]
+    counts = {"image": torch.zeros(3, dtype=torch.float64), "noise": torch.zeros(3, dtype=torch.float64)}
+    chunk = max(cfg.train.micro_batch_size, 8)
+    for start in range(0, len(examples), chunk):
+        docs = [Document("caption", [ex.image, ex.caption]) for ex in examples[start:start + chunk]]
+        batch = pack_documents(docs, cfg.data, tok, best_fit=False)
+        ids = (tok.boi_id, tok.eoi_id)
+        counts["image"] += caption_word_accuracy(model, batch, ids, device).cpu()
+        counts["noise"] += caption_word_accuracy(model, batch, ids, device, noise_seed=start + 1).cpu()
+    result = {}
+    for name, c in counts.items():
+        c = c.to(device)
+        dist.all_reduce(c, op=dist.ReduceOp.SUM)
+        n = max(float(c[2]), 1.0)
+        result[f"{name}/colour_acc"] = float(c[0]) / n
+        result[f"{name}/shape_acc"] = float(c[1]) / n
+    result["examples"] = int(c[2])
+    from pretrain.data.demo import COLOURS, SHAPES
+    result["chance"] = max(1 / len(COLOURS), 1 / len(SHAPES))
+    return result
+
+
+def count_params(model) -> dict:
+    """Parameter counts for the summary; the accounting module refines these per model family."""
+    try:
+        from pretrain.accounting import model_param_counts
+        return model_param_counts(model)
+    except ImportError:
+        n = sum(p.numel() for p in model.parameters())
+        return {"params": n, "total_params": n, "vision_params": 0}
+
+
+def train(cfg: RunConfig) -> dict:
+    import deepspeed
+
+    rank, world, device = init_distributed()
+    cfg.validate(world)
+    run_dir = cfg.run_dir
+    ckpt_root = run_dir / "checkpoints"
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_resolved_config(cfg, run_dir)
+    dist.barrier()
+
+    from pretrain.data.loader import build_train_loader, load_tokenizer
+    from pretrain.models import build_model
+
+    tok = load_tokenizer(cfg.data)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{tok.vocab_size} pieces ({cfg.data.root})")
+    if cfg.model.patch_size != cfg.data.patch_size:
+        raise ConfigError(f"model.patch_size={cfg.model.patch_size} differs from data.patch_size={cfg.data.patch_size}")
+
+    torch.manual_seed(cfg.run.seed)
+    # MoE: DeepSpeed's expert-parallel groups must exist before the model (its layers register
+    # with the engine as deepspeed.moe MoE layers; pretrain/models/moe_parallel.py).
+    expert_group = None
+    if cfg.model.kind == "moe":
+        from pretrain.models.moe_parallel import create_expert_parallel_group
+        expert_group = create_expert_parallel_group(cfg.model.moe.expert_parallel_size)
+    model = build_model(cfg.model, expert_group=expert_group)
+    param_counts = count_params(model)
+    t = cfg.train
+    opt_groups = param_groups(model, t.lr, t.weight_decay)
+    if expert_group is not None:
+        # MoE: ZeRO needs expert params in their own 'moe' groups (reduced and partitioned over
+        # the expert-data-parallel group only), made by DeepSpeed's splitter.
+        from pretrain.models.moe_parallel import moe_param_groups
+        opt_groups = moe_param_groups(opt_groups)
+    optimizer = build_optimizer(opt_groups, (t.beta1, t.beta2), t.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_multiplier(s, t.max_steps, t.warmup_steps, t.cooldown_fraction))
+    ds_config = build_ds_config(cfg, world)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    gas = engine.gradient_accumulation_steps()
+
+    loader = build_train_loader(cfg.data, rank=rank, world_size=world, micro_batch_size=t.micro_batch_size)
+    step = 0
+    done = checkpoint.complete_checkpoints(ckpt_root)
+    if done:
+        state = checkpoint.load(engine, done[-1])
+        step = state["step"]
+        loader.load_state_dict(state["loader"])
+        if rank == 0:
+            print(f"[train] resumed from {done[-1]} at step {step}", flush=True)
+
+    logger = MetricsLogger(run_dir, cfg.to_dict(), enabled=rank == 0, max_steps=t.max_steps,
+                           wandb_cfg={"enabled": cfg.run.wandb, "mode": cfg.run.wandb_mode,
+                                      "project": cfg.run.wandb_project, "name": cfg.run.name,
+                                      "id": f"{cfg.run.name}-{abs(hash(str(run_dir.resolve()))) % 10**8}"})
+    eval_sets = build_eval_sets(cfg, rank, world)
+    tokens_per_step = t.global_batch_size * cfg.data.seq_len
+    start_step = step
+    window = {"loss": 0.0, "aux": 0.0, "n": 0, "t0": time.time(), "steps": 0}
+    last_eval: dict = {}
+    if rank == 0:
+        print(f"[train] {cfg.run.name}: {param_counts['params'] / 1e6:.2f}M params, world {world}, "
+              f"micro-batch {t.micro_batch_size} x accumulation {gas}, {t.max_steps} steps", flush=True)
+
+    def evaluate_now() -> dict:
+        result = evaluate_sources(engine.module, eval_sets, cfg.data.sources, device)
+        record = {"type": "eval", "step": step, "tokens": step * tokens_per_step, **result}
+        logger.log(record)
+        if rank == 0:
+            print("[eval] step {} | ".format(step) + " | ".join(f"{k} {v:.4f}" for k, v in result.items()),
+                  flush=True)
+        return result
+
+    while step < t.max_steps:
+        lr_now = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_mult", 1.0)
+        for _ in range(gas):
+            batch = next(loader).to(device)
+            out = engine(batch)
+            engine.backward(out.loss)
+            engine.step()
+            window["loss"] += float(out.ce_loss.detach())
+            window["aux"] += float(out.aux_loss.detach())
+            window["n"] += 1
+        step += 1
+        window["steps"] += 1
+        grad_norm = engine.get_global_grad_norm()
+
+        if step % cfg.run.log_every == 0 or step == t.max_steps:
+            loss, aux = _mean_over_ranks([window["loss"] / window["n"], window["aux"] / window["n"]], device)
+            elapsed = time.time() - window["t0"]
+            record = {"type": "train", "step": step, "tokens": step * tokens_per_step, "loss": loss,
+                      "aux_loss": aux, "lr": lr_now,
+                      "grad_norm": None if grad_norm is None else float(grad_norm),
+                      "tokens_per_s": window["steps"] * tokens_per_step / max(elapsed, 1e-9),
+                      "step_time_s": elapsed / window["steps"]}
+            if cfg.model.kind == "moe":  # MoE router load per layer and expert (collective: all ranks)
+                from pretrain.models.moe import moe_metrics
+                record.update(moe_metrics(engine.module, all_reduce=True))
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {step}; stopping (last checkpoint kept)")
+            logger.log(record)
+            logger.console(step, record)
+            window = {"loss": 0.0, "aux": 0.0, "n": 0, "t0": time.time(), "steps": 0}
+
+        if eval_sets and (step % t.eval_every == 0 or step == t.max_steps):
+            last_eval = evaluate_now()
+        interrupted = t.stop_after_steps > 0 and step - start_step >= t.stop_after_steps
+        if step % t.save_every == 0 or step == t.max_steps or interrupted:
+            checkpoint.save(engine, ckpt_root, step,
+                            {"loader": loader.state_dict()}, keep=t.keep_checkpoints)
+        if interrupted and step < t.max_steps:
+            if rank == 0:
+                print(f"[train] stopping after {t.stop_after_steps} steps (train.stop_after_steps); "
+                      f"rerun to resume", flush=True)
+            logger.close()
+            return {"finished": False, "step": step}
+
+    if eval_sets and not last_eval:  # resumed a finished run: report its final losses again
+        last_eval = evaluate_now()
+    summary = {"finished": True, "step": step, "tokens": step * tokens_per_step, "kind": cfg.model.kind,
+               **param_counts, "vision_tokens": 0,
+               "flops": 6.0 * param_counts["params"] * step * tokens_per_step, "eval": last_eval}
+    if t.image_probe:
+        probe = run_image_probe(engine.module, cfg, rank, world, device)
+        summary["image_probe"] = probe
+        if rank == 0:
+            (run_dir / "probe.json").write_text(json.dumps(probe, indent=2))
+            print(f"[probe] held-out captions ({probe['examples']}): colour accuracy "
+                  f"{probe['image/colour_acc']:.1%}, shape accuracy {probe['image/shape_acc']:.1%} "
+                  f"with the image; with noise instead: colour {probe['noise/colour_acc']:.1%}, "
+                  f"shape {probe['noise/shape_acc']:.1%} (chance <= {probe['chance']:.0%})", flush=True)
+    if rank == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        png = plot_losses(run_dir)
+        print(f"[train] done: {run_dir}/summary.json, loss curve {png}", flush=True)
+    logger.close()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Pretrain a native multimodal model.")
+    p.add_argument("--config", required=True, help="YAML recipe (pretrain/configs/...)")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=200")
+    args = p.parse_intermixed_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    train(cfg)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""Shared pytest set-up.
+
+Triton kernels run on CPU tensors only under the interpreter, and `@triton.jit` reads
+TRITON_INTERPRET when a kernel module is imported, so it is set here, before any test imports
+`kernels.*`, on machines without a GPU.
+"""
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+os.environ.setdefault("WANDB_MODE", "offline")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory):
+    """A small deterministic demo corpus (tokenizer, shards, manifest) shared by the session."""
+    from tests.helpers import make_tiny_demo
+    return make_tiny_demo(tmp_path_factory.mktemp("tiny_demo"))
