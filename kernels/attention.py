@@ -18,8 +18,14 @@ Models call only `packed_attention(q, k, v, doc_ids, image_ids, backend=...)`:
     flash_attn   CUDA     flash-attn varlen causal; text-only batches; optional dependency
     auto         any      triton on CUDA (head dim a multiple of 16 up to 128), reference elsewhere
 
-The Triton kernels and their autograd Function live in kernels/attention_triton.py (imported
-lazily so that this module, which the model imports, never depends on a GPU toolchain).
+Files of this kernel: this module holds the ranges, the plain-PyTorch reference and the
+dispatch; kernels/attention_triton.py the `@triton.jit` kernels and their autograd Function
+(imported lazily, so the model never needs a GPU toolchain to import this);
+kernels/attention_layouts.py the test/benchmark row layouts; kernels/attention_aot.py an
+ahead-of-time compile check for GPU targets. Benchmark: tools/bench_attention.py (GPU).
+
+`auto` does not pick flash_attn for text-only batches: knowing a batch is text-only costs a host
+sync, and flash-attn is an optional dependency; revisit with the benchmark's numbers.
 
 Tests: `pytest tests/test_attention_mask.py tests/test_attention_triton.py`.
 """
@@ -144,9 +150,9 @@ def resolve_backend(backend: str, q: torch.Tensor, image_ids_BT: torch.Tensor | 
         return backend
     d = q.shape[-1]
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and d % 16 == 0 and d <= 128:
-        # Our kernel is the default on GPU. flash-attn is not chosen automatically: it needs the
-        # cu_seqlens host sync per call and is only valid for text-only batches; see
-        # tools/bench_attention_results.md for the measured comparison before changing this.
+        # Our kernel is the default on GPU. flash-attn is not chosen automatically: it is valid
+        # only for text-only batches (finding out costs a host sync) and is optional; compare
+        # with tools/bench_attention.py on a GPU before changing this.
         return "triton"
     return "reference"
 
@@ -249,15 +255,9 @@ def varlen_cu_seqlens(doc_ids_BT: torch.Tensor) -> tuple[torch.Tensor, int]:
 def flash_attn_varlen_packed(q, k, v, doc_ids_BT, image_ids_BT, ranges=None, scale=None, cu_seqlens=None):
     """flash-attn's varlen causal kernel, one sequence per document. Text-only batches only:
     flash-attn cannot express the bidirectional image spans, so an image is an error, not a
-    silently wrong mask. `cu_seqlens` (from `varlen_cu_seqlens`) may be precomputed."""
-    try:
-        from flash_attn import flash_attn_varlen_func
-    except ImportError as e:
-        raise RuntimeError("attention backend 'flash_attn' needs the optional flash-attn package "
-                           "(pip install flash-attn); use backend='triton' or 'auto'") from e
+    silently wrong mask. `cu_seqlens` (from `varlen_cu_seqlens`) may be precomputed; the caller
+    then vouches that the batch is text-only."""
     global _varlen_cache
-    if not q.is_cuda:
-        raise RuntimeError("attention backend 'flash_attn' runs on CUDA only")
     B, H, T, D = q.shape
     if cu_seqlens is None:
         # The image check and cu_seqlens each sync with the host: do them once per `ranges`
@@ -273,6 +273,13 @@ def flash_attn_varlen_packed(q, k, v, doc_ids_BT, image_ids_BT, ranges=None, sca
             raise ValueError("attention backend 'flash_attn' supports text-only batches (its causal mask "
                              "cannot express bidirectional image spans); this batch holds images: use "
                              "backend='triton' or 'auto'")
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as e:
+        raise RuntimeError("attention backend 'flash_attn' needs the optional flash-attn package "
+                           "(pip install flash-attn); use backend='triton' or 'auto'") from e
+    if not q.is_cuda:
+        raise RuntimeError("attention backend 'flash_attn' runs on CUDA only")
     cu_N1, max_len = cu_seqlens
     # [B, H, T, D] -> [B*T, H, D]: flash-attn's packed layout.
     q_NHD, k_NHD, v_NHD = (x.transpose(1, 2).reshape(B * T, H, D) for x in (q, k, v))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kernels.attention import (AttentionRanges, attention_ranges, dense_mask, mask_from_ranges,
-                               packed_attention)
+                               packed_attention, varlen_cu_seqlens)
 from kernels.attention_layouts import edge_layouts, random_layout, source_layout
 
 
@@ -99,5 +99,16 @@ def test_auto_is_reference_on_cpu_and_errors_are_clear():
         packed_attention(q, q, q, d, i, backend="nope")
     with pytest.raises(RuntimeError, match="CUDA"):
         packed_attention(q, q, q, d, i, backend="flex")
-    with pytest.raises(RuntimeError):
-        packed_attention(q, q, q, d, i, backend="flash_attn")
+    text_doc, text_img = d.clone(), torch.full_like(i, -1)
+    with pytest.raises(RuntimeError, match="flash-attn|CUDA"):
+        packed_attention(q, q, q, text_doc, text_img, backend="flash_attn")
+    img = torch.full_like(i, -1)
+    img[0, 2:5] = 0
+    with pytest.raises(ValueError, match="text-only"):
+        packed_attention(q, q, q, torch.zeros_like(d), img, backend="flash_attn")
+
+
+def test_varlen_cu_seqlens():
+    doc_BT = torch.tensor([[0, 0, 0, 1, 2, 2], [0, 1, 1, 1, 1, 2]], dtype=torch.int32)
+    cu, max_len = varlen_cu_seqlens(doc_BT)
+    assert cu.tolist() == [0, 3, 4, 6, 7, 11, 12] and max_len == 4 and cu.dtype == torch.int32
