@@ -56,7 +56,7 @@ def draw_shape(spec: ShapeSpec, rng: random.Random, size: int = STORED_SIZE) -> 
                             bytes(rng.randint(0, 24) for _ in range((size // 4) ** 2)))
     img = Image.blend(img, Image.merge("RGB", [noise.resize((size, size))] * 3), 0.3)
     d = ImageDraw.Draw(img)
-    r = size * rng.uniform(0.20, 0.27)  # half-extent: at 32 px and 8-px patches, shapes span 3x3 patches
+    r = size * rng.uniform(0.22, 0.29)  # half-extent: at 32 px and 8-px patches, shapes span 3x3 patches
     cx = {"left": size * 0.28, "right": size * 0.72}
     cy = {"top": size * 0.28, "bottom": size * 0.72}
     if spec.position == "center":
