@@ -102,7 +102,8 @@ def plot_losses(run_dir: Path) -> Path | None:
         pts = [(r["step"], r[k]) for r in evals if k in r]
         ax.plot(*zip(*pts), marker="o", ms=3, lw=1.2, label=f"held-out {k[5:]}")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel("cross-entropy (nats/token, log scale)")
+    ax.set_yscale("log")  # the first steps' drop would otherwise flatten everything after it
     ax.set_title(run_dir.name)
     ax.grid(alpha=0.3)
     ax.legend()
