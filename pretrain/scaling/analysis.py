@@ -123,9 +123,12 @@ def analyse_target(rows: list[dict], kind: str, target: str, cfg: AnalysisConfig
                           held_in=prediction_metrics(L, law.predict(N, D)), notes=notes)
     if cfg.bootstrap > 0:
         log(f"{kind}/{target}: bootstrap, {cfg.bootstrap} resamples")
-        bs = bootstrap(N, D, L, fr, n_resamples=cfg.bootstrap, seed=cfg.seed, config=cfg.fit, C=C,
-                       min_flops=cfg.min_flops, progress=log)
-        result.bootstrap = bs.to_dict()
+        try:
+            bs = bootstrap(N, D, L, fr, n_resamples=cfg.bootstrap, seed=cfg.seed, config=cfg.fit, C=C,
+                           min_flops=cfg.min_flops, progress=log)
+            result.bootstrap = bs.to_dict()
+        except ValueError as e:
+            notes.append(f"bootstrap skipped: {e}")
     if cfg.holdout:
         try:
             log(f"{kind}/{target}: held-out extrapolation")

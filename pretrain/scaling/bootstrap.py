@@ -76,8 +76,15 @@ def bootstrap(N, D, L, base: FitResult, n_resamples: int = 100, seed: int = 0, k
         xp, fp = polish(x_best, logN, logD, logL, cfg.huber_delta, counts.astype(np.float64))
     if progress:
         progress(f"bootstrap: {n_resamples} resamples fitted")
+    diverged = 0
     for r in range(n_resamples):
         xb = xp[r] if fp[r] <= f_best[r] else x_best[r]
+        if not np.all(np.isfinite(xb)) or np.max(np.abs(xb[:3])) > 700:  # exp() would overflow
+            # A resample of few or degenerate runs can drive a coefficient off to infinity; it
+            # carries no information about the spread, so it is dropped (and counted) rather
+            # than crashing the whole analysis.
+            diverged += 1
+            continue
         law = ScalingLaw.from_log_params(*xb)
         ex = closed_form(law.alpha, law.beta)
         for k, v in {**law.to_dict(), **{k: getattr(ex, k) for k in ("a", "b", "d", "n", "dn")}}.items():
@@ -91,6 +98,10 @@ def bootstrap(N, D, L, base: FitResult, n_resamples: int = 100, seed: int = 0, k
                     samples["c"].append(fit_hull_exponent(Cr, Lr, min_flops).c)
             except ValueError:
                 samples["c"].append(float("nan"))
+    if diverged and progress:
+        progress(f"bootstrap: {diverged} of {n_resamples} resamples diverged and were dropped")
+    if diverged == n_resamples:
+        raise ValueError("bootstrap: every resample diverged; too few or degenerate runs to fit")
     mean = {k: float(np.nanmean(v)) for k, v in samples.items()}
     std = {k: float(np.nanstd(v, ddof=1)) if len(v) > 1 else 0.0 for k, v in samples.items()}
     return BootstrapResult(n_resamples=n_resamples, mean=mean, std=std, samples=samples)

@@ -30,8 +30,13 @@ class ScalingLaw:
         return cls(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=float(alpha), beta=float(beta))
 
     def log_params(self) -> np.ndarray:
-        """`[a, b, e, alpha, beta]`, the order the fitter uses."""
-        return np.array([math.log(self.A), math.log(self.B), math.log(self.E), self.alpha, self.beta])
+        """`[a, b, e, alpha, beta]`, the order the fitter uses.
+
+        A coefficient that underflowed to 0 in `exp` (a fit that drove a term away: few or
+        degenerate runs) maps back to the smallest float's log instead of a domain error."""
+        def safe_log(x: float) -> float:
+            return math.log(max(x, np.finfo(np.float64).tiny))
+        return np.array([safe_log(self.A), safe_log(self.B), safe_log(self.E), self.alpha, self.beta])
 
     def predict(self, N, D):
         """Loss for parameters `N` and tokens `D` (scalars or arrays)."""
