@@ -101,6 +101,11 @@ class RunConfig:
             raise ConfigError(f"train.precision must be auto, bf16 or fp32, got {t.precision!r}")
         if t.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage must be 0-3, got {t.zero_stage}")
+        if self.model.kind == "late" and self.model.image_size != self.data.image_size:
+            # The ViT's position table is sized for model.image_size; other images would be
+            # silently cut into the wrong number of patches per image.
+            raise ConfigError(f"model.image_size={self.model.image_size} must equal data.image_size="
+                              f"{self.data.image_size} for model.kind=late")
         # MoE + DeepSpeed (pretrain/models/moe_parallel.py): ZeRO-3 does not shard our expert
         # parameters, and without ZeRO DeepSpeed's gradient clipping averages per-rank norms,
         # which is wrong once ranks hold different experts.
