@@ -30,7 +30,8 @@ import torch.distributed as dist
 
 from pretrain import checkpoint
 from pretrain.config import ConfigError, RunConfig, load_config, save_config
-from pretrain.ds_config import build_ds_config
+from pretrain.accounting import paper_flops, param_counts, training_flops
+from pretrain.ds_config import build_ds_config, resolve_precision
 from pretrain.evaluation import caption_word_accuracy, evaluate_sources
 from pretrain.metrics import MetricsLogger, plot_losses
 from pretrain.optim import build_optimizer, param_groups
@@ -129,14 +130,40 @@ def run_image_probe(model, cfg: RunConfig, rank: int, world: int, device) -> dic
     return result
 
 
-def count_params(model) -> dict:
-    """Parameter counts for the summary; the accounting module refines these per model family."""
-    try:
-        from pretrain.accounting import model_param_counts
-        return model_param_counts(model)
-    except ImportError:
-        n = sum(p.numel() for p in model.parameters())
-        return {"params": n, "total_params": n, "vision_params": 0}
+def run_summary(cfg: RunConfig, step: int, tokens: int, image_tokens: int, last_eval: dict) -> dict:
+    """`summary.json`: what tools/collect_runs.py reads for the scaling-law fits.
+
+    `params` is the paper's N (decoder parameters one token goes through, embeddings included;
+    active parameters for the MoE), `vision_params` N_v (late fusion's encoder), `tokens` D,
+    `vision_tokens` D_v (image patches, which late fusion's encoder processes), `flops` the
+    paper's C = 6 (N D + N_v D_v). Counts come from the config (pretrain/accounting.py), so they
+    do not depend on how experts are sharded over ranks."""
+    counts = param_counts(cfg.model)
+    image_tokens_for_encoder = image_tokens if counts.vision_params else 0
+    return {"finished": True, "step": step, "kind": cfg.model.kind, "tokens": tokens,
+            "params": counts.decoder_params, "active_params": counts.active_params,
+            "total_params": counts.params, "vision_params": counts.vision_params,
+            "embedding_params": counts.embedding_params, "vision_tokens": image_tokens_for_encoder,
+            "image_tokens": image_tokens,
+            "flops": paper_flops(counts, tokens, image_tokens_for_encoder), "eval": last_eval}
+
+
+# Dense bf16 peak of the GPUs people train on, for MFU (the datasheets' figures without sparsity).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+                   "L40S": 362e12, "B200": 2250e12}
+
+
+def device_peak_flops(device: torch.device, precision: str) -> float | None:
+    if device.type != "cuda" or precision != "bf16":
+        return None  # unknown peak (CPU, fp32): MFU is not reported rather than guessed
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def _sum_over_ranks(value: int, device) -> int:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return int(t.item())
 
 
 def train(cfg: RunConfig) -> dict:
@@ -169,7 +196,7 @@ def train(cfg: RunConfig) -> dict:
         from pretrain.models.moe_parallel import create_expert_parallel_group
         expert_group = create_expert_parallel_group(cfg.model.moe.expert_parallel_size)
     model = build_model(cfg.model, expert_group=expert_group)
-    param_counts = count_params(model)
+    counts = param_counts(cfg.model)
     t = cfg.train
     opt_groups = param_groups(model, t.lr, t.weight_decay)
     if expert_group is not None:
@@ -187,6 +214,7 @@ def train(cfg: RunConfig) -> dict:
 
     loader = build_train_loader(cfg.data, rank=rank, world_size=world, micro_batch_size=t.micro_batch_size)
     step = 0
+    state: dict = {}
     done = checkpoint.complete_checkpoints(ckpt_root)
     if done:
         state = checkpoint.load(engine, done[-1])
@@ -202,10 +230,19 @@ def train(cfg: RunConfig) -> dict:
     eval_sets = build_eval_sets(cfg, rank, world)
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
     start_step = step
-    window = {"loss": 0.0, "aux": 0.0, "n": 0, "t0": time.time(), "steps": 0}
+    image_tokens_seen = state.get("image_tokens_seen", 0) if done else 0  # this rank's D_v share
+
+    def new_window() -> dict:
+        # Losses stay on the device until a log step: no host sync per micro-batch.
+        return {"loss_aux": torch.zeros(2, dtype=torch.float64, device=device), "n": 0, "steps": 0,
+                "tokens": 0, "image_tokens": 0, "targets": 0, "t0": time.time()}
+
+    window = new_window()
+    peak_flops = device_peak_flops(device, resolve_precision(t.precision))
     last_eval: dict = {}
     if rank == 0:
-        print(f"[train] {cfg.run.name}: {param_counts['params'] / 1e6:.2f}M params, world {world}, "
+        print(f"[train] {cfg.run.name}: {counts.params / 1e6:.2f}M params ({counts.active_params / 1e6:.2f}M "
+              f"active), world {world}, "
               f"micro-batch {t.micro_batch_size} x accumulation {gas}, {t.max_steps} steps", flush=True)
 
     def evaluate_now() -> dict:
@@ -220,25 +257,34 @@ def train(cfg: RunConfig) -> dict:
     while step < t.max_steps:
         lr_now = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_mult", 1.0)
         for _ in range(gas):
-            batch = next(loader).to(device)
-            out = engine(batch)
+            cpu_batch = next(loader)
+            n_image = int(cpu_batch.is_patch.sum())  # counted on the host copy: no device sync
+            window["image_tokens"] += n_image
+            window["targets"] += int((cpu_batch.labels != -100).sum())
+            window["tokens"] += cpu_batch.tokens.numel()
+            image_tokens_seen += n_image
+            out = engine(cpu_batch.to(device, non_blocking=True))
             engine.backward(out.loss)
             engine.step()
-            window["loss"] += float(out.ce_loss.detach())
-            window["aux"] += float(out.aux_loss.detach())
+            window["loss_aux"] += torch.stack([out.ce_loss.detach(), out.aux_loss.detach()]).double()
             window["n"] += 1
         step += 1
         window["steps"] += 1
         grad_norm = engine.get_global_grad_norm()
 
         if step % cfg.run.log_every == 0 or step == t.max_steps:
-            loss, aux = _mean_over_ranks([window["loss"] / window["n"], window["aux"] / window["n"]], device)
-            elapsed = time.time() - window["t0"]
+            loss, aux = _mean_over_ranks((window["loss_aux"] / window["n"]).tolist(), device)
+            elapsed = max(time.time() - window["t0"], 1e-9)
+            model_flops = training_flops(cfg.model, cfg.data.seq_len, window["tokens"], window["image_tokens"],
+                                         window["targets"])
             record = {"type": "train", "step": step, "tokens": step * tokens_per_step, "loss": loss,
                       "aux_loss": aux, "lr": lr_now,
                       "grad_norm": None if grad_norm is None else float(grad_norm),
-                      "tokens_per_s": window["steps"] * tokens_per_step / max(elapsed, 1e-9),
-                      "step_time_s": elapsed / window["steps"]}
+                      "tokens_per_s": window["steps"] * tokens_per_step / elapsed,
+                      "step_time_s": elapsed / window["steps"],
+                      "tflops_per_rank": model_flops / elapsed / 1e12,
+                      "mfu": model_flops / elapsed / peak_flops if peak_flops else None,
+                      "image_token_fraction": window["image_tokens"] / max(window["tokens"], 1)}
             if cfg.model.kind == "moe":  # MoE router load per layer and expert (collective: all ranks)
                 from pretrain.models.moe import moe_metrics
                 record.update(moe_metrics(engine.module, all_reduce=True))
@@ -246,14 +292,15 @@ def train(cfg: RunConfig) -> dict:
                 raise FloatingPointError(f"loss is {loss} at step {step}; stopping (last checkpoint kept)")
             logger.log(record)
             logger.console(step, record)
-            window = {"loss": 0.0, "aux": 0.0, "n": 0, "t0": time.time(), "steps": 0}
+            window = new_window()
 
         if eval_sets and (step % t.eval_every == 0 or step == t.max_steps):
             last_eval = evaluate_now()
         interrupted = t.stop_after_steps > 0 and step - start_step >= t.stop_after_steps
         if step % t.save_every == 0 or step == t.max_steps or interrupted:
-            checkpoint.save(engine, ckpt_root, step,
-                            {"loader": loader.state_dict()}, keep=t.keep_checkpoints)
+            checkpoint.save(engine, ckpt_root, step, {"loader": loader.state_dict(),
+                                                      "image_tokens_seen": image_tokens_seen},
+                            keep=t.keep_checkpoints)
         if interrupted and step < t.max_steps:
             if rank == 0:
                 print(f"[train] stopping after {t.stop_after_steps} steps (train.stop_after_steps); "
@@ -263,9 +310,8 @@ def train(cfg: RunConfig) -> dict:
 
     if eval_sets and not last_eval:  # resumed a finished run: report its final losses again
         last_eval = evaluate_now()
-    summary = {"finished": True, "step": step, "tokens": step * tokens_per_step, "kind": cfg.model.kind,
-               **param_counts, "vision_tokens": 0,
-               "flops": 6.0 * param_counts["params"] * step * tokens_per_step, "eval": last_eval}
+    summary = run_summary(cfg, step, step * tokens_per_step, _sum_over_ranks(image_tokens_seen, device),
+                          last_eval)
     if t.image_probe:
         probe = run_image_probe(engine.module, cfg, rank, world, device)
         summary["image_probe"] = probe
