@@ -64,8 +64,13 @@ def test_demo_sweep_with_base_config_and_widths():
     r = runs[1]
     assert r.config == "pretrain/configs/demo.yaml" and r.steps == 40 and r.warmup_steps == 4
     assert r.overrides["model"]["width"] == 128 and "lr" not in r.overrides["train"]
-    with pytest.raises(ValueError, match="params"):
-        plan_sweep(SweepConfig(kind="early", presets=[], widths=[64], flops=[1e15], base_config="x.yaml"))
+    # Without --params, N comes from the repo's accounting of the base config at that width.
+    from pretrain.accounting import param_counts
+    from pretrain.config import load_config
+    n64 = param_counts(load_config("pretrain/configs/demo.yaml", ["model.width=64"]).model).decoder_params
+    r = plan_sweep(SweepConfig(kind="early", presets=[], widths=[64], flops=[6e12],
+                               base_config="pretrain/configs/demo.yaml", global_batch_size=1, seq_len=1000))[0]
+    assert r.N == n64 and r.C == pytest.approx(6e12, rel=1e-3)
     r = plan_sweep(SweepConfig(kind="early", presets=[], widths=[64], params=[1e6], flops=[6e12],
                                base_config="x.yaml", global_batch_size=1, seq_len=1000))[0]
     assert r.D == 1e6 and r.C == pytest.approx(6e12)

@@ -140,15 +140,28 @@ class _Size:
     lr: float | None
 
 
+def _counted_params(cfg: SweepConfig, width: int) -> tuple[float, float]:
+    """(N, N_v) of the base config at `width`, from the repo's accounting (exact, no model built)."""
+    from pretrain.accounting import param_counts
+    from pretrain.config import load_config
+
+    extra = [e for e in cfg.extra if e.split("=", 1)[0].startswith("model.")]
+    model_cfg = load_config(cfg.base_config, [*extra, f"model.width={int(width)}"]).model
+    counts = param_counts(model_cfg)
+    return float(counts.decoder_params), float(counts.vision_params)
+
+
 def _sizes(cfg: SweepConfig):
     """(preset-like, N, N_v, model overrides) per model size of the sweep."""
     if cfg.widths:
         if not cfg.base_config:
             raise ValueError("--widths needs --base-config (the presets fix their own widths)")
-        params = list(cfg.params) or [float("nan")] * len(cfg.widths)
+        params = list(cfg.params) or [_counted_params(cfg, w) for w in cfg.widths]
         if len(params) != len(cfg.widths):
             raise ValueError("give one --params value per width")
-        return [(_Size(f"w{w}", None), float(n), 0.0, {"model.width": int(w)}) for w, n in zip(cfg.widths, params)]
+        return [(_Size(f"w{w}", None), float(n[0] if isinstance(n, tuple) else n),
+                 float(n[1] if isinstance(n, tuple) else 0.0), {"model.width": int(w)})
+                for w, n in zip(cfg.widths, params)]
     out = []
     for name in cfg.presets:
         p = get_preset(cfg.kind, name)
