@@ -5,9 +5,17 @@ Modules, one idea each:
   tokenizer.py  sentencepiece training + Tokenizer wrapper (control symbols <boi> <eoi> ...)
   shards.py     webdataset shard writer/reader, manifest, train/val split by key hash
   images.py     decode, random-resized-crop/flip, normalise, patchify
-  packing.py    documents -> pieces -> best-fit rows -> PackedBatch
-  loader.py     build_train_loader (infinite, exact resume), build_eval_batches
+  packing.py    documents -> pieces -> best-fit rows (cut-to-fit) -> PackedBatch
+  mixture.py    exact per-global-batch row quotas per source
+  loader.py     build_train_loader (infinite, exact resume, balanced rank split, tail fill),
+                build_eval_batches
+  stats.py      per-batch statistics: padding, rows/tokens per source, images per row
+  ingest.py     ingest driver: image prep at ingest, skip accounting, resumable per-file tasks
+  ingest_io.py  robust readers: JSONL (.gz/.zst), parquet, streamed webdataset tars
+  ingest_captions.py / ingest_interleaved.py / ingest_text.py   the three input formats
+  synthetic.py  web-like synthetic corpora for benchmarks (tools/bench_data.py, pack_stats.py)
   demo.py       the synthetic coloured-shapes corpus (tools/make_demo_data.py)
+(offline*.py, rows.py, row_loader.py, reshard.py: offline packing, issue 8.)
 """
 from pretrain.data.config import DataConfig
 from pretrain.data.loader import TrainLoader, build_eval_batches, build_train_loader, load_tokenizer

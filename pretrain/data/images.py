@@ -29,8 +29,10 @@ def to_pil(img: ImageLike) -> Image.Image:
         return img.convert("RGB")
     if isinstance(img, (bytes, bytearray)):
         try:
-            with Image.open(io.BytesIO(img)) as im:
-                return im.convert("RGB")
+            im = Image.open(io.BytesIO(img))
+            im.load()
+            # convert() copies even when the mode already matches; skip it for RGB (the norm).
+            return im if im.mode == "RGB" else im.convert("RGB")
         except Exception as e:  # PIL raises several types for corrupt data
             raise ValueError(f"to_pil: cannot decode image bytes ({e})") from e
     if isinstance(img, torch.Tensor):
@@ -48,7 +50,9 @@ def random_resized_crop(img: Image.Image, size: int, scale: tuple[float, float],
                         rng: np.random.Generator, ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
     """Crop a random area fraction in `scale` with log-uniform aspect in `ratio`, resize to size².
 
-    Same recipe as the usual RandomResizedCrop: 10 tries, then fall back to a centre crop.
+    Same recipe as torchvision's RandomResizedCrop (10 tries, then a centre crop) with its default
+    bilinear interpolation (antialiased when shrinking, as PIL always is); bilinear costs about
+    half of bicubic per image, which matters at several hundred images per second per core.
     """
     W, H = img.size
     area = W * H
@@ -60,7 +64,7 @@ def random_resized_crop(img: Image.Image, size: int, scale: tuple[float, float],
         if 0 < w <= W and 0 < h <= H:
             x0 = int(rng.integers(0, W - w + 1))
             y0 = int(rng.integers(0, H - h + 1))
-            return img.resize((size, size), Image.BICUBIC, box=(x0, y0, x0 + w, y0 + h))
+            return img.resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h))
     return eval_resize(img, size)
 
 
@@ -69,19 +73,28 @@ def eval_resize(img: Image.Image, size: int) -> Image.Image:
     W, H = img.size
     s = min(W, H)
     x0, y0 = (W - s) // 2, (H - s) // 2
-    return img.resize((size, size), Image.BICUBIC, box=(x0, y0, x0 + s, y0 + s))
+    return img.resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + s, y0 + s))
 
 
 def patchify(img: Image.Image, patch_size: int) -> torch.Tensor:
-    """RGB image of side S -> normalised patches [(S/p)^2, 3*p*p] (see module docstring)."""
-    x_HWC = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).float().div_(255.0)
-    x_HWC = (x_HWC - MEAN) / STD
+    """RGB image of side S -> normalised patches [(S/p)^2, 3*p*p] (see module docstring).
+
+    The reordering is done on uint8 (4x less memory traffic than on floats); the single float
+    conversion then writes the output in its final layout. The math is numpy, not torch: torch
+    would parallelise these small element-wise ops over its intra-op threads, which on a busy
+    host (a training process, other ranks) costs milliseconds of spinning per image.
+    """
+    x_HWC = np.asarray(img, dtype=np.uint8)
     H, W, C = x_HWC.shape
     p = patch_size
     if H % p or W % p:
         raise ValueError(f"patchify: image {W}x{H} is not a multiple of patch_size {p}")
-    x = x_HWC.permute(2, 0, 1).reshape(C, H // p, p, W // p, p)
-    return x.permute(1, 3, 0, 2, 4).reshape((H // p) * (W // p), C * p * p).contiguous()
+    # The reshape after the transpose copies, so the array handed to torch is writable.
+    x = x_HWC.reshape(H // p, p, W // p, p, C).transpose(0, 2, 4, 1, 3).reshape((H // p) * (W // p), C * p * p)
+    out = x.astype(np.float32)
+    out *= np.float32(1.0 / (255.0 * STD))  # (x / 255 - MEAN) / STD
+    out -= np.float32(MEAN / STD)
+    return torch.from_numpy(out)
 
 
 def unpatchify(patches_ND: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -7,22 +7,30 @@ documents by random access into the tars (`ShardReader`) and recomputes their au
 the same seeds, so batches after `load_state_dict` equal those of an uninterrupted run.
 
 Per source and rank, `SourceStream` defines the document order of epoch e:
-  * shards are permuted by rng(seed, source, e); with at least `world_size` shards each rank
-    takes every world_size-th shard of the permutation (disjoint, no rank without data);
-    with fewer shards every rank reads all of them and keeps every world_size-th document;
-  * inside a shard, documents are permuted by rng(seed, source, e, shard).
-Epochs advance on their own, independently per source.
+  * shards are permuted by rng(seed, source, e) and their documents concatenated, each shard's
+    documents permuted by rng(seed, source, e, shard); the manifest's sample counts give the
+    total N without opening a tar;
+  * rank r reads the contiguous range [r * N//W, (r+1) * N//W) of that sequence: every rank gets
+    exactly N//W documents per epoch whatever the shard count or sizes (3 shards over 2 ranks,
+    one huge shard, more ranks than shards), ranks are disjoint, and each rank opens only the
+    ~S/W + 1 shards its range touches. The N mod W leftover documents of an epoch are skipped
+    (a different few each epoch, since the permutation changes).
+Epochs advance on their own, independently per source: the loader is infinite, so no rank ever
+waits for another (no end-of-epoch hang).
 
-Mixture: each row of a micro-batch belongs to one source; the source of row n (counted over the
-whole run) is chosen by smooth weighted round-robin on `weights`, so proportions are exact up to
-one row per source at any time, identical on every rank, and hence held per global batch too.
-`row_sources()` is the seam where an exact-per-global-batch scheduler would plug in.
+Mixture (mixture.py): the rows of each global batch (world x accumulation x micro-batch rows)
+are split between sources by exact quotas, identical on every rank; each row holds one source.
+
+Rows of the sources in DataConfig.cut_to_fit (default interleaved, text) are completed by
+cutting the oldest buffered piece to the room left (packing.BestFitPacker, cut-to-fit).
+Caption rows (DataConfig.fill_rows_of) can have their tail filled with text cut to fit
+(`TailFiller`): a separate cursor over the fill source, whose position is part of the state.
 
 `num_workers` > 0 adds a thread pool that decodes and augments the next few documents of each
 stream ahead of use. Because a document's pieces are a pure function of its position, prefetching
-cannot change any batch, so resume stays exact with no worker state to save. (Threads rather
-than torch DataLoader processes: the packer is sequential state, and PIL/numpy release the GIL
-in decode/resize; tar reads stay on the calling thread.)
+cannot change any batch, so resume is exact with any number of workers (the state holds no
+worker state at all). (Threads rather than torch DataLoader processes: the packer is sequential
+state, and PIL/numpy release the GIL in decode/resize; tar reads stay on the calling thread.)
 """
 from __future__ import annotations
 
@@ -36,12 +44,15 @@ import torch
 from pretrain.batch import PackedBatch
 from pretrain.data.config import DataConfig
 from pretrain.data.images import process_image
-from pretrain.data.packing import (BestFitPacker, Piece, SpecialIds, build_batch, chain,
-                                   document_items, piece_lengths, span_length, split_items)
+from pretrain.data.mixture import MixtureSchedule
+from pretrain.data.packing import (BestFitPacker, Piece, SpecialIds, build_batch, chain, cut_items,
+                                   document_items, drop_prefix, piece_lengths, span_length, split_items)
 from pretrain.data.shards import Manifest, ShardReader, load_manifest
+from pretrain.data.stats import batch_stats
 from pretrain.data.tokenizer import Tokenizer
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+FILL_STREAM = 1000  # stream id offset of fill cursors (their order differs from the rows' order)
 
 
 def load_tokenizer(cfg: DataConfig, manifest: Optional[Manifest] = None) -> Tokenizer:
@@ -49,9 +60,9 @@ def load_tokenizer(cfg: DataConfig, manifest: Optional[Manifest] = None) -> Toke
     return Tokenizer(cfg.tokenizer or manifest.tokenizer_path)
 
 
-def _doc_pieces(raw_doc: dict, images: list, source_idx: int, ids: SpecialIds, cfg: DataConfig,
-                ref: tuple, rng_key: Optional[list[int]], augment: bool) -> list[Piece]:
-    """A stored document (json + image bytes) -> its pieces (images turned into patches).
+def _doc_items(raw_doc: dict, images: list, ids: SpecialIds, cfg: DataConfig,
+               rng_key: Optional[list[int]], augment: bool) -> list:
+    """A stored document (json + image bytes) -> its items (BOS, text runs, patch tensors, EOS).
 
     images may be bytes (decoded and processed here) or placeholders (tensors [n_patches, 0])
     when only lengths matter.
@@ -69,22 +80,43 @@ def _doc_pieces(raw_doc: dict, images: list, source_idx: int, ids: SpecialIds, c
                                            hflip_prob=cfg.hflip_prob, rng=rng))
         else:
             parts.append(part)
-    pieces = split_items(document_items(parts, ids), cfg.seq_len)
-    return [Piece(source_idx, items, span_length(items), ref=ref + (j,)) for j, items in enumerate(pieces)]
+    return document_items(parts, ids)
+
+
+def _pieces(items: list, source_idx: int, seq_len: int, ref: tuple) -> list[Piece]:
+    return [Piece(source_idx, its, span_length(its), ref=ref + (j,))
+            for j, its in enumerate(split_items(items, seq_len))]
+
+
+def _doc_pieces(raw_doc: dict, images: list, source_idx: int, ids: SpecialIds, cfg: DataConfig,
+                ref: tuple, rng_key: Optional[list[int]], augment: bool) -> list[Piece]:
+    """A stored document -> its pieces (images turned into patches)."""
+    return _pieces(_doc_items(raw_doc, images, ids, cfg, rng_key, augment), source_idx, cfg.seq_len, ref)
 
 
 class SourceStream:
-    """This rank's infinite, deterministic document order over the train shards of one source."""
+    """This rank's infinite, deterministic document order over the train shards of one source.
+
+    stream_id seeds the order (the source index for row streams, FILL_STREAM + index for a
+    fill cursor over the same shards).
+    """
 
     def __init__(self, manifest: Manifest, source: str, source_idx: int, cfg: DataConfig,
-                 rank: int, world_size: int, pool: Optional[ThreadPoolExecutor] = None):
+                 rank: int, world_size: int, pool: Optional[ThreadPoolExecutor] = None,
+                 stream_id: Optional[int] = None):
         self.shards = manifest.select(source, "train")
         if not self.shards:
             raise ValueError(f"SourceStream: no train shards for source {source!r} in "
                              f"{manifest.root}/manifest.json")
         self.paths = [manifest.abspath(s) for s in self.shards]
+        self.sizes = [int(s.samples) for s in self.shards]
         self.source, self.source_idx, self.cfg = source, source_idx, cfg
+        self.stream_id = source_idx if stream_id is None else stream_id
         self.rank, self.world_size = rank, world_size
+        self.per_rank = sum(self.sizes) // world_size  # documents per rank and epoch
+        if self.per_rank == 0:
+            raise ValueError(f"SourceStream: source {source!r} has {sum(self.sizes)} train documents in "
+                             f"{manifest.root}/manifest.json, fewer than the {world_size} ranks")
         self._readers: dict[int, ShardReader] = {}
         self._orders: dict[int, list[tuple[int, str]]] = {}
         self.epoch, self.index = 0, 0  # cursor: next document to read
@@ -94,25 +126,31 @@ class SourceStream:
 
     def reader(self, i: int) -> ShardReader:
         if i not in self._readers:
-            self._readers[i] = ShardReader(self.paths[i])
+            r = ShardReader(self.paths[i])
+            if len(r.keys) != self.sizes[i]:
+                raise ValueError(f"SourceStream: shard {self.paths[i]} holds {len(r.keys)} samples but "
+                                 f"manifest.json says {self.sizes[i]}; rewrite the manifest")
+            self._readers[i] = r
         return self._readers[i]
 
     def order(self, epoch: int) -> list[tuple[int, str]]:
-        """[(shard index, key)] of this rank in epoch `epoch`."""
+        """[(shard index, key)] of this rank in epoch `epoch` (exactly per_rank entries)."""
         if epoch not in self._orders:
-            seed = self.cfg.seed
-            perm = np.random.default_rng([seed, self.source_idx, epoch]).permutation(len(self.paths))
-            mine = perm[self.rank::self.world_size] if len(perm) >= self.world_size else perm
-            order = []
-            for s in mine:
-                keys = self.reader(int(s)).keys
-                kperm = np.random.default_rng([seed, self.source_idx, epoch, int(s)]).permutation(len(keys))
-                order.extend((int(s), keys[k]) for k in kperm)
-            if len(perm) < self.world_size:
-                order = order[self.rank::self.world_size]
-            if not order:
-                raise ValueError(f"SourceStream: source {self.source!r} has no train documents for "
-                                 f"rank {self.rank} of {self.world_size}")
+            seed, sid = self.cfg.seed, self.stream_id
+            perm = np.random.default_rng([seed, sid, epoch]).permutation(len(self.paths))
+            lo = self.rank * self.per_rank
+            hi = lo + self.per_rank
+            order, off = [], 0
+            for s in (int(x) for x in perm):
+                n = self.sizes[s]
+                a, b = max(lo, off), min(hi, off + n)
+                if a < b:
+                    keys = self.reader(s).keys
+                    kperm = np.random.default_rng([seed, sid, epoch, s]).permutation(n)
+                    order.extend((s, keys[k]) for k in kperm[a - off:b - off])
+                off += n
+                if off >= hi:
+                    break
             # Keep the current and previous epoch only (resume may reference the previous one).
             for e in [e for e in self._orders if e < epoch - 1]:
                 del self._orders[e]
@@ -124,59 +162,124 @@ class SourceStream:
         shard, key = self.order(epoch)[index]
         return self.reader(shard).read(key)
 
-    def _process(self, raw, epoch: int, index: int, ids: SpecialIds, augment: bool) -> list[Piece]:
-        """Pure function of (raw document, seed, source, epoch, index): safe to run in a thread."""
-        return _doc_pieces(raw.doc, raw.images, self.source_idx, ids, self.cfg, ref=(epoch, index),
-                           rng_key=[self.cfg.seed, self.source_idx, epoch, index], augment=augment)
+    def _process(self, raw, epoch: int, index: int, ids: SpecialIds, augment: bool) -> list:
+        """Pure function of (raw document, seed, stream, epoch, index): safe to run in a thread."""
+        return _doc_items(raw.doc, raw.images, ids, self.cfg,
+                          rng_key=[self.cfg.seed, self.stream_id, epoch, index], augment=augment)
+
+    def fetch_items(self, epoch: int, index: int, ids: SpecialIds, augment: bool) -> list:
+        return self._process(self._read(epoch, index), epoch, index, ids, augment)
 
     def fetch(self, epoch: int, index: int, ids: SpecialIds, augment: bool) -> list[Piece]:
-        return self._process(self._read(epoch, index), epoch, index, ids, augment)
+        return _pieces(self.fetch_items(epoch, index, ids, augment), self.source_idx, self.cfg.seq_len,
+                       (epoch, index))
 
     def key_of(self, epoch: int, index: int) -> str:
         return self.order(epoch)[index][1]
 
     def _normalize(self, epoch: int, index: int) -> tuple[int, int]:
-        while index >= len(self.order(epoch)):
-            index -= len(self.order(epoch))
-            epoch += 1
-        return epoch, index
+        n = self.per_rank
+        return epoch + index // n, index % n
 
-    def next_piece(self, ids: SpecialIds, augment: bool) -> Piece:
-        """The next document's first piece (later pieces chained behind it).
+    def next_items(self, ids: SpecialIds, augment: bool) -> tuple[tuple[int, int], list]:
+        """(position, items) of the next document; advances the cursor.
 
         With a thread pool, the next few documents are decoded and augmented ahead of time.
-        That cannot change results: a document's pieces are a pure function of its position.
+        That cannot change results: a document's items are a pure function of its position.
         """
         self.epoch, self.index = self._normalize(self.epoch, self.index)
         pos = (self.epoch, self.index)
         if self.pool is None:
-            pieces = self.fetch(*pos, ids, augment)
+            items = self.fetch_items(*pos, ids, augment)
         else:
             ahead = pos
             for _ in range(self.prefetch):
                 if ahead not in self.pending:
                     self.pending[ahead] = self.pool.submit(self._process, self._read(*ahead), *ahead, ids, augment)
                 ahead = self._normalize(ahead[0], ahead[1] + 1)
-            pieces = self.pending.pop(pos).result()
+            items = self.pending.pop(pos).result()
         self.index += 1
-        return chain(pieces)
+        return pos, items
+
+    def next_piece(self, ids: SpecialIds, augment: bool) -> Piece:
+        """The next document's first piece (later pieces chained behind it)."""
+        pos, items = self.next_items(ids, augment)
+        return chain(_pieces(items, self.source_idx, self.cfg.seq_len, pos))
 
     def reset_prefetch(self) -> None:
         for f in self.pending.values():
             f.cancel()
         self.pending.clear()
 
+    def close(self) -> None:
+        self.pending.clear()
+        for r in self._readers.values():
+            r.close()
+        self._readers.clear()
+
+
+class TailFiller:
+    """Fills the room best fit leaves at the end of a row with consecutive fragments of another
+    source's documents (DataConfig.fill_rows_of / fill_source).
+
+    A fragment is the next `room` tokens of the current fill document (a document may be spread
+    over several rows; each fragment is its own document in its row: positions restart, no
+    attention across fragments). Text is cut anywhere; an image span is never cut, and one that
+    does not fit at the start of a fragment is skipped (the fill source is meant to be text).
+    State: the current document's position and how many of its tokens are used.
+    """
+
+    def __init__(self, stream: SourceStream, min_tokens: int):
+        self.stream, self.min_tokens = stream, min_tokens
+        self.pos: Optional[tuple[int, int]] = None  # current document (None: take the next one)
+        self.items: list = []
+        self.offset = 0  # tokens of the current document already used
+
+    def _load(self, ids: SpecialIds, augment: bool) -> None:
+        self.pos, self.items = self.stream.next_items(ids, augment)
+        self.offset = 0
+
+    def fill(self, room: int, ids: SpecialIds, augment: bool) -> list[Piece]:
+        out = []
+        while room >= self.min_tokens:
+            if self.pos is None:
+                self._load(ids, augment)
+            frag, used, skipped = cut_items(self.items, self.offset, room, skip_blocking_image=True)
+            ref = ("fill", self.pos, self.offset)
+            self.offset += used + skipped
+            if self.offset >= span_length(self.items):
+                self.pos = None
+            if frag:
+                out.append(Piece(self.stream.source_idx, frag, used, ref=ref))
+                room -= used
+        return out
+
+    def state_dict(self) -> dict:
+        return {"pos": None if self.pos is None else list(self.pos), "offset": self.offset}
+
+    def load_state_dict(self, d: dict, ids: SpecialIds, augment: bool) -> None:
+        self.pos, self.items, self.offset = None, [], 0
+        if d["pos"] is not None:
+            e, i = int(d["pos"][0]), int(d["pos"][1])
+            self.pos, self.items, self.offset = (e, i), self.stream.fetch_items(e, i, ids, augment), int(d["offset"])
+
 
 class TrainLoader:
     """Infinite iterator of PackedBatch for one rank, with an exact `state_dict`."""
 
-    def __init__(self, cfg: DataConfig, *, rank: int, world_size: int, micro_batch_size: int):
+    def __init__(self, cfg: DataConfig, *, rank: int, world_size: int, micro_batch_size: int,
+                 global_batch_size: Optional[int] = None):
         cfg.validate()
         if not 0 <= rank < world_size:
             raise ValueError(f"build_train_loader: rank {rank} not in [0, {world_size})")
         if micro_batch_size < 1:
             raise ValueError(f"build_train_loader: micro_batch_size must be >= 1, got {micro_batch_size}")
+        global_batch_size = global_batch_size or world_size * micro_batch_size
+        if global_batch_size % (world_size * micro_batch_size):
+            raise ValueError(f"build_train_loader: global_batch_size {global_batch_size} is not a multiple of "
+                             f"world_size x micro_batch_size = {world_size * micro_batch_size}")
         self.cfg, self.rank, self.world_size, self.micro_batch_size = cfg, rank, world_size, micro_batch_size
+        self.global_batch_size = global_batch_size
         self.manifest = load_manifest(cfg.root)
         self.tokenizer = load_tokenizer(cfg, self.manifest)
         self.ids = SpecialIds.of(self.tokenizer)
@@ -186,54 +289,61 @@ class TrainLoader:
         self.streams: dict[int, SourceStream] = {
             s: SourceStream(self.manifest, name, s, cfg, rank, world_size, self.pool)
             for s, name in enumerate(cfg.sources) if self.weights[s] > 0}
-        self.packers = {s: BestFitPacker(cfg.seq_len) for s in self.streams}
-        self.rows_done = 0  # rows emitted so far (the mixture's clock)
-        self.row_counts = [0] * len(cfg.sources)  # rows emitted per source
+        self.packers = {s: BestFitPacker(cfg.seq_len, cfg.cut_min_tokens if cfg.sources[s] in cfg.cut_to_fit else 0)
+                        for s in self.streams}
+        self.fill_rows = {cfg.sources.index(n) for n in cfg.fill_rows_of}
+        self.filler: Optional[TailFiller] = None
+        if self.fill_rows:
+            f_idx = cfg.sources.index(cfg.fill_source)
+            self.filler = TailFiller(SourceStream(self.manifest, cfg.fill_source, f_idx, cfg, rank, world_size,
+                                                  self.pool, stream_id=FILL_STREAM + f_idx), cfg.fill_min_tokens)
+        self.mixture = MixtureSchedule(cfg.weights, world_size=world_size, rank=rank,
+                                       micro_batch_size=micro_batch_size,
+                                       grad_accum=global_batch_size // (world_size * micro_batch_size))
         self.step = 0
         self.last_keys: list[list[str]] = []  # per row of the last batch: its documents' keys (debug/tests)
+        self.last_stats: dict = {}  # stats.batch_stats of the last batch (padding, tokens per source, ...)
 
     # -- mixture ------------------------------------------------------------------------------
-    def row_sources(self, n_rows: int) -> list[int]:
-        """Sources of the next n_rows rows: smooth weighted round-robin (deterministic, exact to
-        within one row per source). Advances the mixture state."""
-        out = []
-        for _ in range(n_rows):
-            total = self.rows_done + 1
-            deficits = [self.weights[s] * total - self.row_counts[s] if self.weights[s] > 0 else -math.inf
-                        for s in range(len(self.weights))]
-            s = int(np.argmax(deficits))
-            self.row_counts[s] += 1
-            self.rows_done += 1
-            out.append(s)
-        return out
+    def row_sources(self) -> list[int]:
+        """Sources of the rows of this rank's next micro-batch (advances the mixture)."""
+        return self.mixture.next_micro_batch()
 
     # -- iteration ----------------------------------------------------------------------------
     def _next_row(self, s: int) -> list[Piece]:
         packer, stream = self.packers[s], self.streams[s]
         while len(packer.buffer) < self.cfg.pack_buffer:
             packer.push(stream.next_piece(self.ids, self.cfg.augment))
-        return packer.pop_row()
+        row = packer.pop_row()
+        if s in self.fill_rows:
+            room = self.cfg.seq_len - sum(p.length for p in row)
+            row.extend(self.filler.fill(room, self.ids, self.cfg.augment))
+        return row
+
+    def _key(self, p: Piece) -> str:
+        if p.ref and p.ref[0] == "fill":
+            return self.filler.stream.key_of(*p.ref[1])
+        return self.streams[p.source_idx].key_of(p.ref[0], p.ref[1])
 
     def __iter__(self):
         return self
 
     def __next__(self) -> PackedBatch:
-        srcs = self.row_sources(self.micro_batch_size)
+        srcs = self.row_sources()
         rows = [self._next_row(s) for s in srcs]
-        self.last_keys = [[self.streams[p.source_idx].key_of(p.ref[0], p.ref[1]) for p in row] for row in rows]
+        self.last_keys = [[self._key(p) for p in row] for row in rows]
         self.step += 1
-        return build_batch(rows, srcs, self.cfg.seq_len, self.ids, self.cfg.patch_dim)
+        batch = build_batch(rows, srcs, self.cfg.seq_len, self.ids, self.cfg.patch_dim)
+        self.last_stats = batch_stats(batch, self.cfg.sources, self.ids.pad)
+        return batch
 
     def close(self) -> None:
         """Stop worker threads and close shard files (the loader is unusable afterwards)."""
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
-        for st in self.streams.values():
-            st.pending.clear()
-            for r in st._readers.values():
-                r.close()
-            st._readers.clear()
+        for st in list(self.streams.values()) + ([self.filler.stream] if self.filler else []):
+            st.close()
 
     # -- resume -------------------------------------------------------------------------------
     def _fingerprint(self) -> dict:
@@ -241,7 +351,10 @@ class TrainLoader:
         return {"seed": c.seed, "sources": list(c.sources), "weights": list(c.weights),
                 "seq_len": c.seq_len, "image_size": c.image_size, "patch_size": c.patch_size,
                 "pack_buffer": c.pack_buffer, "rank": self.rank, "world_size": self.world_size,
-                "micro_batch_size": self.micro_batch_size}
+                "micro_batch_size": self.micro_batch_size, "global_batch_size": self.global_batch_size,
+                "fill_rows_of": list(c.fill_rows_of), "fill_source": c.fill_source,
+                "fill_min_tokens": c.fill_min_tokens, "cut_to_fit": list(c.cut_to_fit),
+                "cut_min_tokens": c.cut_min_tokens}
 
     def state_dict(self) -> dict:
         """Small, JSON-able: cursors, mixture counters and the refs of the buffered pieces."""
@@ -249,11 +362,12 @@ class TrainLoader:
             "version": STATE_VERSION,
             "config": self._fingerprint(),
             "step": self.step,
-            "rows_done": self.rows_done,
-            "row_counts": list(self.row_counts),
+            "mixture": self.mixture.state_dict(),
             "streams": {self.cfg.sources[s]: {"epoch": st.epoch, "index": st.index,
                                               "buffer": [list(p.ref) for p in self.packers[s].buffer]}
                         for s, st in self.streams.items()},
+            "filler": None if self.filler is None else {
+                "epoch": self.filler.stream.epoch, "index": self.filler.stream.index, **self.filler.state_dict()},
         }
 
     def load_state_dict(self, d: dict) -> None:
@@ -265,8 +379,8 @@ class TrainLoader:
             if mine.get(k) != v:
                 raise ValueError(f"TrainLoader.load_state_dict: saved {k}={v!r} but this loader has "
                                  f"{k}={mine.get(k)!r}; exact resume needs the same data config")
-        self.step, self.rows_done = int(d["step"]), int(d["rows_done"])
-        self.row_counts = [int(x) for x in d["row_counts"]]
+        self.step = int(d["step"])
+        self.mixture.load_state_dict(d["mixture"])
         for s, st in self.streams.items():
             sd = d["streams"][self.cfg.sources[s]]
             st.epoch, st.index = int(sd["epoch"]), int(sd["index"])
@@ -274,15 +388,28 @@ class TrainLoader:
             packer = self.packers[s]
             packer.buffer = []
             cache: dict[tuple[int, int], list[Piece]] = {}
-            for epoch, index, j in sd["buffer"]:
+            for ref in sd["buffer"]:  # (epoch, index, piece j[, tokens already cut off piece j])
+                epoch, index, j = ref[:3]
                 if (epoch, index) not in cache:
                     cache[(epoch, index)] = st.fetch(epoch, index, self.ids, self.cfg.augment)
-                packer.push(chain(cache[(epoch, index)][j:]))
+                packer.push(drop_prefix(chain(cache[(epoch, index)][j:]), ref[3] if len(ref) > 3 else 0))
+        if self.filler is not None:
+            fd = d["filler"]
+            fs = self.filler.stream
+            fs.epoch, fs.index = int(fd["epoch"]), int(fd["index"])
+            fs.reset_prefetch()
+            self.filler.load_state_dict(fd, self.ids, self.cfg.augment)
 
 
-def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int, micro_batch_size: int) -> TrainLoader:
-    """Infinite iterator of PackedBatch (CPU tensors) for this rank, with state_dict/load_state_dict."""
-    return TrainLoader(cfg, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size)
+def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int, micro_batch_size: int,
+                       global_batch_size: Optional[int] = None) -> TrainLoader:
+    """Infinite iterator of PackedBatch (CPU tensors) for this rank, with state_dict/load_state_dict.
+
+    global_batch_size (rows, = world x accumulation x micro-batch) lets the mixture be exact per
+    optimizer step; None means no accumulation (global batch = world_size x micro_batch_size).
+    """
+    return TrainLoader(cfg, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size,
+                       global_batch_size=global_batch_size)
 
 
 def build_eval_batches(cfg: DataConfig, source: str, *, rank: int, world_size: int,

@@ -71,17 +71,20 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 class ShardWriter:
     """Write documents of one (source, split) into numbered tars of at most `max_samples` each."""
 
-    def __init__(self, root: str, source: str, split: str, max_samples: int = 1000):
+    def __init__(self, root: str, source: str, split: str, max_samples: int = 1000, tag: str = ""):
+        """tag: inserted into shard names ({split}-{tag}-{i:05d}.tar) so that several writers of
+        one (source, split), e.g. one per ingest input file, never collide."""
         if max_samples < 1:
             raise ValueError(f"ShardWriter: max_samples must be >= 1, got {max_samples}")
         self.root, self.source, self.split, self.max_samples = root, source, split, max_samples
+        self.tag = f"{tag}-" if tag else ""
         self.infos: list[ShardInfo] = []
         self._tar: Optional[tarfile.TarFile] = None
         os.makedirs(os.path.join(root, source), exist_ok=True)
 
     def _open_next(self) -> None:
         self.close()
-        rel = f"{self.source}/{self.split}-{len(self.infos):05d}.tar"
+        rel = f"{self.source}/{self.split}-{self.tag}{len(self.infos):05d}.tar"
         self.infos.append(ShardInfo(path=rel, source=self.source, split=self.split))
         self._tar = tarfile.open(os.path.join(self.root, rel), "w", format=tarfile.USTAR_FORMAT)
 

@@ -5,12 +5,16 @@ document containing the string "<boi>" cannot forge an image marker):
     <pad> = 0, <unk> = 1, <s> (BOS) = 2, </s> (EOS) = 3, <boi> = 4, <eoi> = 5.
 Byte fallback is on, so any UTF-8 text round-trips without <unk>.
 
-Train from the command line with `python tools/train_tokenizer.py --input a.txt --output PREFIX`.
+Train from the command line with `python tools/train_tokenizer.py --input a.txt --output PREFIX`;
+inputs may be plain text (one sentence per line) or the text JSONL that ingest reads
+(`{"text": ...}` per line, plain/.gz/.zst); `sample_training_text` draws a fixed-size uniform
+sample of lines from them (reservoir sampling, seeded) so that a web-scale corpus trains in minutes.
 """
 from __future__ import annotations
 
 import os
-from typing import Iterable, Union
+import random
+from typing import Iterable, Iterator, Union
 
 import sentencepiece as spm
 
@@ -82,3 +86,43 @@ class Tokenizer:
 
     def __setstate__(self, state):
         self.__init__(state["path"])
+
+
+def _lines_of(path: str, text_field: str) -> Iterator[str]:
+    """Lines of a text file, or of the `text_field` of every JSONL record (plain/.gz/.zst)."""
+    from pretrain.data.ingest_io import iter_jsonl
+    name = path[:-3] if path.endswith(".gz") else path[:-4] if path.endswith(".zst") else path
+    if name.endswith((".jsonl", ".json")):
+        for rec in iter_jsonl(path):
+            if isinstance(rec, tuple) and isinstance(rec[1].get(text_field), str):
+                yield from rec[1][text_field].splitlines()
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            yield line.rstrip("\n")
+
+
+def sample_training_text(paths: list[str], max_lines: int = 2_000_000, text_field: str = "text",
+                         seed: int = 0, max_chars: int = 8192) -> list[str]:
+    """A uniform sample of at most max_lines non-empty lines over all inputs (reservoir sampling).
+
+    Lines are truncated to max_chars (sentencepiece drops sentences over max_sentence_length).
+    """
+    rng = random.Random(seed)
+    sample: list[str] = []
+    seen = 0
+    for path in paths:
+        for line in _lines_of(path, text_field):
+            if not line.strip():
+                continue
+            line = line[:max_chars]
+            seen += 1
+            if len(sample) < max_lines:
+                sample.append(line)
+            else:
+                j = rng.randrange(seen)
+                if j < max_lines:
+                    sample[j] = line
+    if not sample:
+        raise ValueError(f"sample_training_text: no text found in {paths[:3]} (field {text_field!r})")
+    return sample

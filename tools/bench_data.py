@@ -1,0 +1,149 @@
+"""Data-pipeline throughput per core: ingest (images/s), tokenizer (tokens/s), loader (tokens/s).
+
+    taskset -c 0 python tools/bench_data.py [--work /tmp/bench_data] [--seconds 20] [--json]
+
+Builds what it measures under --work (kept between runs): a caption tar of 512-px photo-like
+JPEGs in img2dataset's layout (ingest input), and a synthetic corpus of ingested-size shards
+(256-px JPEGs, web-like lengths; pretrain/data/synthetic.py) for the loader at the paper's
+setting: 224-px images, 14-px patches (256 per image), seq_len 1024, mixture 45/45/10 with
+caption rows tail-filled with text, augmentation on.
+
+Every rate is given twice: per CPU-second of this process (`cpu`, what "per core" means; robust
+to other jobs sharing the machine) and per wall-clock second (`wall`, honest only on an idle
+core). Run it pinned to one core (taskset -c 0) so that neither number borrows a second core.
+Targets (issue 6): loader >= 150k tokens/s/core, ingest >= 300 images/s/core.
+"""
+import argparse
+import io
+import json
+import os
+import sys
+import tarfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+
+def _timed(fn):
+    w, c = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - w, time.process_time() - c
+
+
+def bench_ingest(work: str, n_images: int) -> dict:
+    from pretrain.data.ingest import IngestConfig, run_ingest
+    from pretrain.data.ingest_captions import read_captions
+    from pretrain.data.synthetic import synthetic_tokenizer, photo_like_jpeg
+    src = os.path.join(work, "ingest_src")
+    os.makedirs(src, exist_ok=True)
+    tar_path = os.path.join(src, f"512px-{n_images}.tar")
+    if not os.path.isfile(tar_path):
+        g = np.random.default_rng(0)
+        pool = [photo_like_jpeg(g, 512, 512 if i % 2 else 384) for i in range(32)]  # 512-px, two aspects
+        with tarfile.open(tar_path + ".tmp", "w") as t:
+            for i in range(n_images):
+                for name, data in [(f"{i:09d}.jpg", pool[i % len(pool)]),
+                                   (f"{i:09d}.txt", f"a photo of thing number {i} on a table".encode())]:
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    t.addfile(info, io.BytesIO(data))
+        os.replace(tar_path + ".tmp", tar_path)
+    out = os.path.join(work, "ingest_out")
+    if os.path.isdir(out):
+        import shutil
+        shutil.rmtree(out)
+    cfg = IngestConfig(output=out, tokenizer=synthetic_tokenizer(work), source="caption", progress=False,
+                       image_size=256, shard_samples=1000)
+    stats, wall, cpu = _timed(lambda: run_ingest([tar_path], cfg, read_captions))
+    assert stats.images == n_images, stats
+    return {"what": "ingest 512-px JPEG -> 256-px (draft decode, resize, re-encode, tar write)",
+            "unit": "images/s", "n": n_images, "cpu": n_images / cpu, "wall": n_images / wall}
+
+
+def bench_tokenizer(work: str, seconds: float) -> dict:
+    import random
+
+    from pretrain.data.demo import text_document
+    from pretrain.data.tokenizer import Tokenizer, train_tokenizer
+    path = os.path.join(work, "tok_bench.model")
+    rng = random.Random(0)
+    docs = [text_document(rng) for _ in range(2000)]
+    if not os.path.isfile(path):
+        train_tokenizer(iter(docs), os.path.join(work, "tok_bench"), vocab_size=2000)
+    tok = Tokenizer(path)
+    n_tok = 0
+    w, c = time.perf_counter(), time.process_time()
+    while time.perf_counter() - w < seconds:
+        for d in docs:
+            n_tok += len(tok.encode(d))
+    wall, cpu = time.perf_counter() - w, time.process_time() - c
+    return {"what": "sentencepiece encode (BPE, 2k vocab, English prose)", "unit": "tokens/s",
+            "n": n_tok, "cpu": n_tok / cpu, "wall": n_tok / wall}
+
+
+def bench_loader(work: str, seconds: float, workers: int = 0) -> dict:
+    from pretrain.data import DataConfig, build_train_loader
+    from pretrain.data.stats import StatsAccumulator
+    from pretrain.data.synthetic import make_synthetic_corpus
+    root = os.path.join(work, "synthetic224")
+    if not os.path.isfile(os.path.join(root, "manifest.json")):
+        make_synthetic_corpus(root, n_caption=3000, n_interleaved=1000, n_text=600)
+    cfg = DataConfig(root=root, seq_len=1024, image_size=224, patch_size=14, pack_buffer=64,
+                     fill_rows_of=["caption"], num_workers=workers)
+    mbs = 8
+    ld = build_train_loader(cfg, rank=0, world_size=1, micro_batch_size=mbs)
+    for _ in range(4):  # warm-up: fill the packing buffers
+        next(ld)
+    acc = StatsAccumulator(cfg.sources)
+    n = 0
+    w, c = time.perf_counter(), time.process_time()
+    while time.perf_counter() - w < seconds:
+        next(ld)
+        acc.add(ld.last_stats)
+        n += 1
+    wall, cpu = time.perf_counter() - w, time.process_time() - c
+    ld.close()
+    n_tok = n * mbs * cfg.seq_len
+    s = acc.summary()
+    return {"what": "loader: read, decode, crop+flip 224, patchify, best-fit pack, PackedBatch (T=1024)",
+            "unit": "tokens/s", "n": n_tok, "cpu": n_tok / cpu, "wall": n_tok / wall,
+            "images_per_s_cpu": sum(v["images_per_row"] * v["rows"] for v in s["per_source"].values()) / cpu,
+            "padding_frac": s["padding_frac"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="/tmp/bench_data")
+    ap.add_argument("--seconds", type=float, default=20.0, help="measuring time for tokenizer and loader")
+    ap.add_argument("--ingest-images", type=int, default=3000)
+    ap.add_argument("--only", choices=["ingest", "tokenizer", "loader"], nargs="*")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    os.makedirs(a.work, exist_ok=True)
+    only = set(a.only or ["ingest", "tokenizer", "loader"])
+    rows = []
+    if "ingest" in only:
+        rows.append(bench_ingest(a.work, a.ingest_images))
+    if "tokenizer" in only:
+        rows.append(bench_tokenizer(a.work, a.seconds))
+    if "loader" in only:
+        rows.append(bench_loader(a.work, a.seconds))
+    env = {"cpu_affinity": sorted(os.sched_getaffinity(0)), "loadavg_1m": os.getloadavg()[0],
+           "cpus": os.cpu_count()}
+    if a.json:
+        print(json.dumps({"env": env, "results": rows}, indent=1))
+        return
+    print(f"cores allowed: {env['cpu_affinity']}  load average (1 min): {env['loadavg_1m']:.1f} "
+          f"on {env['cpus']} CPUs")
+    print(f"{'benchmark':<86} {'per CPU-s':>12} {'per wall-s':>12}  unit")
+    for r in rows:
+        print(f"{r['what']:<86} {r['cpu']:>12,.0f} {r['wall']:>12,.0f}  {r['unit']}")
+        if "padding_frac" in r:
+            print(f"{'  (loader: images/s per CPU-s, padding fraction)':<86} {r['images_per_s_cpu']:>12,.0f} "
+                  f"{r['padding_frac']:>12.4f}")
+
+
+if __name__ == "__main__":
+    main()
