@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from pretrain import checkpoint
 from pretrain.config import ConfigError, RunConfig, load_config, save_config
+from pretrain.data.stats import StatsAccumulator
 from pretrain.accounting import paper_flops, param_counts, training_flops
 from pretrain.ds_config import build_ds_config, resolve_precision
 from pretrain.evaluation import caption_word_accuracy, evaluate_sources
@@ -160,6 +161,22 @@ def device_peak_flops(device: torch.device, precision: str) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+def _data_stats_over_ranks(acc, device) -> dict:
+    """Padding, realised mixture and images per row over the log window, summed over ranks."""
+    keys = sorted(acc.totals)
+    t = torch.tensor([acc.totals[k] for k in keys] + [acc.batches], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    acc.totals = {k: int(v) for k, v in zip(keys, t[:-1].tolist())}
+    acc.batches = int(t[-1])
+    summ = acc.summary()
+    out = {"data/padding_frac": summ["padding_frac"]}
+    for name, d in summ["per_source"].items():
+        out[f"data/{name}/row_frac"] = d["row_frac"]
+        out[f"data/{name}/token_frac"] = d["token_frac"]
+        out[f"data/{name}/images_per_row"] = d["images_per_row"]
+    return out
+
+
 def _sum_over_ranks(value: int, device) -> int:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -212,7 +229,8 @@ def train(cfg: RunConfig) -> dict:
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     gas = engine.gradient_accumulation_steps()
 
-    loader = build_train_loader(cfg.data, rank=rank, world_size=world, micro_batch_size=t.micro_batch_size)
+    loader = build_train_loader(cfg.data, rank=rank, world_size=world, micro_batch_size=t.micro_batch_size,
+                                global_batch_size=t.global_batch_size)
     step = 0
     state: dict = {}
     done = checkpoint.complete_checkpoints(ckpt_root)
@@ -235,7 +253,8 @@ def train(cfg: RunConfig) -> dict:
     def new_window() -> dict:
         # Losses stay on the device until a log step: no host sync per micro-batch.
         return {"loss_aux": torch.zeros(2, dtype=torch.float64, device=device), "n": 0, "steps": 0,
-                "tokens": 0, "image_tokens": 0, "targets": 0, "t0": time.time()}
+                "tokens": 0, "image_tokens": 0, "targets": 0, "t0": time.time(),
+                "data": StatsAccumulator(cfg.data.sources)}
 
     window = new_window()
     peak_flops = device_peak_flops(device, resolve_precision(t.precision))
@@ -263,6 +282,7 @@ def train(cfg: RunConfig) -> dict:
             window["targets"] += int((cpu_batch.labels != -100).sum())
             window["tokens"] += cpu_batch.tokens.numel()
             image_tokens_seen += n_image
+            window["data"].add(loader.last_stats)
             out = engine(cpu_batch.to(device, non_blocking=True))
             engine.backward(out.loss)
             engine.step()
@@ -285,6 +305,7 @@ def train(cfg: RunConfig) -> dict:
                       "tflops_per_rank": model_flops / elapsed / 1e12,
                       "mfu": model_flops / elapsed / peak_flops if peak_flops else None,
                       "image_token_fraction": window["image_tokens"] / max(window["tokens"], 1)}
+            record.update(_data_stats_over_ranks(window["data"], device))
             if cfg.model.kind == "moe":  # MoE router load per layer and expert (collective: all ranks)
                 from pretrain.models.moe import moe_metrics
                 record.update(moe_metrics(engine.module, all_reduce=True))
