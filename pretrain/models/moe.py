@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -266,7 +267,8 @@ def moe_metrics(model: nn.Module, reset: bool = True, all_reduce: bool = False,
       moe/balance_loss             unweighted Switch loss, mean over layers and forwards
       moe/z_loss                   unweighted router z-loss, same averaging
       moe/load_max_over_min        max over layers of (max expert load / max(min load, 1 token))
-      moe/specialization           mean over layers and experts of 1 - H(image share) (paper §4.4)
+      moe/specialization           mean over layers and experts with tokens of 1 - H(image share)
+                                   (paper §4.4; pretrain.scaling.specialization)
       moe/l{l}/load_e{e}           fraction of the layer's assignments routed to expert e
       moe/l{l}/image_share_e{e}    fraction of expert e's tokens that are image patches
       moe/l{l}/max_over_min        that layer's max/min load ratio
@@ -307,13 +309,14 @@ def moe_metrics(model: nn.Module, reset: bool = True, all_reduce: bool = False,
     frac_LE = load_LE / load_LE.sum(-1, keepdim=True).clamp(min=1)
     img_share_LE = counts_LE2[..., 1] / load_LE.clamp(min=1)
     ratio_L = load_LE.max(-1).values / load_LE.min(-1).values.clamp(min=1)
-    p = img_share_LE.clamp(1e-12, 1 - 1e-12)
-    entropy_LE = -(p * p.log2() + (1 - p) * (1 - p).log2())
+    # The paper's score, computed as the analysis tool does (experts without tokens left out).
+    from pretrain.scaling.specialization import specialization_score
+    spec_L = specialization_score(counts_LE2.numpy())
     out = {
         "moe/balance_loss": float(bal_L.mean()),
         "moe/z_loss": float(z_L.mean()),
         "moe/load_max_over_min": float(ratio_L.max()),
-        "moe/specialization": float((1 - entropy_LE).mean()),
+        "moe/specialization": float(np.nanmean(spec_L)) if np.isfinite(spec_L).any() else float("nan"),
     }
     L, E = frac_LE.shape
     for l in range(L):

@@ -19,9 +19,10 @@ One idea per module:
 | `plots`       | Figures 1 (bottom), 2 and 23 as PNG                                        |
 | `report`      | fit.json and report.md                                                     |
 | `chinchilla`  | Epoch AI's Chinchilla data, the fitter's public check                      |
+| `specialization` | MoE expert specialisation per layer (§4.4, Figures 12 and 13)           |
 
 Command lines (thin wrappers): `tools/sweep.py`, `tools/collect_runs.py`,
-`tools/fit_scaling_laws.py`. Tests: `tests/test_scaling_*.py`.
+`tools/fit_scaling_laws.py`, `tools/expert_specialization.py`. Tests: `tests/test_scaling_*.py`.
 
     python tools/sweep.py --kind early --presets 275m,468m --tokens 2.5e9,5e9 --out runs/sweep_early
     bash runs/sweep_early/commands.sh
