@@ -101,6 +101,9 @@ class RunConfig:
             raise ConfigError(f"train.precision must be auto, bf16 or fp32, got {t.precision!r}")
         if t.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage must be 0-3, got {t.zero_stage}")
+        if self.model.patch_size != self.data.patch_size:
+            raise ConfigError(f"model.patch_size={self.model.patch_size} differs from "
+                              f"data.patch_size={self.data.patch_size}")
         if self.model.kind == "late" and self.model.image_size != self.data.image_size:
             # The ViT's position table is sized for model.image_size; other images would be
             # silently cut into the wrong number of patches per image.

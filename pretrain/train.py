@@ -14,6 +14,7 @@ position, RNG) and continues exactly as if it had not stopped.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -37,6 +38,12 @@ from pretrain.evaluation import caption_word_accuracy, evaluate_sources
 from pretrain.metrics import MetricsLogger, plot_losses
 from pretrain.optim import build_optimizer, param_groups
 from pretrain.schedule import lr_multiplier
+
+
+def wandb_run_id(name: str, run_dir: Path) -> str:
+    """Stable across restarts (so a resumed run continues the same wandb run), unique per directory."""
+    digest = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:10]
+    return f"{name}-{digest}"
 
 
 def _free_port() -> int:
@@ -202,8 +209,6 @@ def train(cfg: RunConfig) -> dict:
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"{tok.vocab_size} pieces ({cfg.data.root})")
-    if cfg.model.patch_size != cfg.data.patch_size:
-        raise ConfigError(f"model.patch_size={cfg.model.patch_size} differs from data.patch_size={cfg.data.patch_size}")
 
     torch.manual_seed(cfg.run.seed)
     # MoE: DeepSpeed's expert-parallel groups must exist before the model (its layers register
@@ -234,17 +239,27 @@ def train(cfg: RunConfig) -> dict:
     step = 0
     state: dict = {}
     done = checkpoint.complete_checkpoints(ckpt_root)
-    if done:
-        state = checkpoint.load(engine, done[-1])
+    for path in reversed(done):  # newest first; an unreadable checkpoint falls back to the one before
+        try:
+            state = checkpoint.load(engine, path)
+            loader.load_state_dict(state["loader"])
+        except Exception as e:  # noqa: BLE001 - any failure to read it means: try the previous one
+            if path == done[0]:
+                raise RuntimeError(f"no complete checkpoint in {ckpt_root} could be loaded; the last "
+                                   f"error ({path.name}): {type(e).__name__}: {e}") from e
+            if rank == 0:
+                print(f"[train] warning: cannot resume from {path} ({type(e).__name__}: {e}); "
+                      f"trying the previous checkpoint", flush=True)
+            continue
         step = state["step"]
-        loader.load_state_dict(state["loader"])
         if rank == 0:
-            print(f"[train] resumed from {done[-1]} at step {step}", flush=True)
+            print(f"[train] resumed from {path} at step {step}", flush=True)
+        break
 
     logger = MetricsLogger(run_dir, cfg.to_dict(), enabled=rank == 0, max_steps=t.max_steps,
                            wandb_cfg={"enabled": cfg.run.wandb, "mode": cfg.run.wandb_mode,
                                       "project": cfg.run.wandb_project, "name": cfg.run.name,
-                                      "id": f"{cfg.run.name}-{abs(hash(str(run_dir.resolve()))) % 10**8}"})
+                                      "id": wandb_run_id(cfg.run.name, run_dir)})
     eval_sets = build_eval_sets(cfg, rank, world)
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
     start_step = step
