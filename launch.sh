@@ -11,7 +11,7 @@
 #   HOSTFILE     DeepSpeed hostfile for multi-node runs ("host slots=N" lines)
 #   NNODES       nodes to use from the hostfile (default: all of them)
 #   MASTER_ADDR  rendezvous host (default: first host of the hostfile, else 127.0.0.1)
-#   MASTER_PORT  rendezvous port (default 29500)
+#   MASTER_PORT  rendezvous port (default: a free port on one node, 29500 with a HOSTFILE)
 #   PYTHON       interpreter (default .venv/bin/python if present, else python3)
 # Extra arguments are dotted config overrides (section.key=value), passed through unchanged.
 # The config is validated before any process starts; the final command is echoed.
@@ -21,6 +21,11 @@ cd "$ROOT"
 
 CONFIG="${CONFIG:-pretrain/configs/demo.yaml}"
 PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
+# Single node: a free port, so two jobs on one machine never meet in one rendezvous.
+# Multi-node (HOSTFILE): every node must agree, so the fixed default 29500.
+if [ -z "${MASTER_PORT:-}" ] && [ -z "${HOSTFILE:-}" ]; then
+  MASTER_PORT=$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+fi
 MASTER_PORT="${MASTER_PORT:-29500}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export WANDB_MODE="${WANDB_MODE:-offline}"
