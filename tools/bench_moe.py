@@ -198,7 +198,7 @@ def moe_layer_vs_dense_ffn(widths, tokens, dtype, device, do_bench, backend="tri
                     with torch.no_grad():
                         module(xg)
 
-                def fwd_bwd():
+                def fwd_bwd(dy=dy):
                     module(xg).backward(dy)
 
                 try:
