@@ -45,6 +45,7 @@ def _run_cfg(zero: int, ep: int, clip: float = 0.05):
                             attention_backend="reference",
                             moe=MoEConfig(num_experts=4, top_k=1, aux_loss_weight=0.01, z_loss_weight=1e-3,
                                           expert_parallel_size=ep))
+    cfg.data.patch_size, cfg.data.image_size = cfg.model.patch_size, 4  # 2x2 patches, as _batch builds
     t = cfg.train
     t.zero_stage, t.micro_batch_size, t.global_batch_size = zero, MICRO, MICRO * GAS * WORLD
     t.grad_clip, t.precision, t.lr, t.weight_decay = clip, "fp32", 1e-2, 1e-4
