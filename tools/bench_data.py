@@ -1,4 +1,5 @@
-"""Data-pipeline throughput per core: ingest (images/s), tokenizer (tokens/s), loader (tokens/s).
+"""Data-pipeline throughput per core: ingest (images/s), tokenizer (tokens/s), and the loader
+(tokens/s) on both paths: online packing, and rows packed offline by tools/pack_shards.py.
 
     taskset -c 0 python tools/bench_data.py [--work /tmp/bench_data] [--seconds 20] [--json]
 
@@ -113,16 +114,41 @@ def bench_loader(work: str, seconds: float, workers: int = 0) -> dict:
             "padding_frac": s["padding_frac"]}
 
 
+def bench_packed_rows(work: str, seconds: float) -> dict:
+    """The offline path (issue 8): the same corpus packed once by tools/pack_shards.py's library,
+    then read by the packed-row loader (decode, crop+flip, patchify, layout; no packing)."""
+    from dataclasses import replace
+
+    from pretrain.data import DataConfig
+    from pretrain.data.offline_pack import pack_shards
+    from pretrain.data.row_loader import bench_row_loader
+    from pretrain.data.synthetic import make_synthetic_corpus
+    root = os.path.join(work, "synthetic224")
+    if not os.path.isfile(os.path.join(root, "manifest.json")):
+        make_synthetic_corpus(root, n_caption=3000, n_interleaved=1000, n_text=600)
+    cfg = DataConfig(root=root, seq_len=1024, image_size=224, patch_size=14, pack_buffer=64,
+                     fill_rows_of=["caption"])
+    rows_root = os.path.join(work, "rows224")
+    if not os.path.isfile(os.path.join(rows_root, "manifest.json")):
+        pack_shards([root], rows_root, cfg, progress=False)
+    rcfg = replace(cfg, format="packed_rows", rows_root=rows_root)
+    w, c = time.perf_counter(), time.process_time()
+    per_cpu = bench_row_loader(rcfg, micro_batch_size=8, seconds=seconds)
+    return {"what": "loader over packed rows (tools/pack_shards.py): read, decode, crop+flip, patchify",
+            "unit": "tokens/s", "cpu": per_cpu,
+            "wall": per_cpu * (time.process_time() - c) / max(time.perf_counter() - w, 1e-9)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/bench_data")
     ap.add_argument("--seconds", type=float, default=20.0, help="measuring time for tokenizer and loader")
     ap.add_argument("--ingest-images", type=int, default=3000)
-    ap.add_argument("--only", choices=["ingest", "tokenizer", "loader"], nargs="*")
+    ap.add_argument("--only", choices=["ingest", "tokenizer", "loader", "rows"], nargs="*")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)
-    only = set(a.only or ["ingest", "tokenizer", "loader"])
+    only = set(a.only or ["ingest", "tokenizer", "loader", "rows"])
     rows = []
     if "ingest" in only:
         rows.append(bench_ingest(a.work, a.ingest_images))
@@ -130,6 +156,8 @@ def main() -> None:
         rows.append(bench_tokenizer(a.work, a.seconds))
     if "loader" in only:
         rows.append(bench_loader(a.work, a.seconds))
+    if "rows" in only:
+        rows.append(bench_packed_rows(a.work, a.seconds))
     env = {"cpu_affinity": sorted(os.sched_getaffinity(0)), "loadavg_1m": os.getloadavg()[0],
            "cpus": os.cpu_count()}
     if a.json:

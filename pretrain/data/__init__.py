@@ -15,7 +15,10 @@ Modules, one idea each:
   ingest_captions.py / ingest_interleaved.py / ingest_text.py   the three input formats
   synthetic.py  web-like synthetic corpora for benchmarks (tools/bench_data.py, pack_stats.py)
   demo.py       the synthetic coloured-shapes corpus (tools/make_demo_data.py)
-(offline*.py, rows.py, row_loader.py, reshard.py: offline packing, issue 8.)
+  rows.py       packed-row shards: tokens, layout and the images still as JPEG, + manifest
+  offline_pack.py  offline packing (tools/pack_shards.py): the online packer's own rows, fixed once
+  row_loader.py build_row_loader: the loader over packed rows (data.format=packed_rows)
+  reshard.py    rewrite any shard set into N shards balanced by tokens (tools/reshard.py)
 """
 from pretrain.data.config import DataConfig
 from pretrain.data.loader import TrainLoader, build_eval_batches, build_train_loader, load_tokenizer

@@ -54,6 +54,13 @@ class DataConfig:
     # Smallest room (and smallest head) worth a cut; smaller rooms stay padding.
     cut_min_tokens: int = 16
 
+    # Training data: "documents" (ingest shards under root, packed online) or "packed_rows" (rows
+    # fixed offline by tools/pack_shards.py, read from rows_root; root still gives the val
+    # documents and the tokenizer).
+    format: str = "documents"
+    # Directory of packed-row shards (manifest.json from tools/pack_shards.py); packed_rows only.
+    rows_root: Optional[str] = None
+
     @property
     def n_patches(self) -> int:
         """Patch positions per image."""
@@ -91,6 +98,11 @@ class DataConfig:
         if self.seq_len < self.n_patches + 4:
             raise ValueError(f"DataConfig.seq_len: {self.seq_len} cannot hold one image "
                              f"({self.n_patches} patches + markers + BOS/EOS)")
+        if self.format not in ("documents", "packed_rows"):
+            raise ValueError(f"DataConfig.format: {self.format!r}, expected 'documents' or 'packed_rows'")
+        if self.format == "packed_rows" and not self.rows_root:
+            raise ValueError("DataConfig.rows_root: format 'packed_rows' needs the directory written by "
+                             "tools/pack_shards.py")
         if self.num_workers < 0:
             raise ValueError(f"DataConfig.num_workers: must be >= 0, got {self.num_workers}")
         if self.pack_buffer < 1:

@@ -408,6 +408,10 @@ def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int, micro_bat
     global_batch_size (rows, = world x accumulation x micro-batch) lets the mixture be exact per
     optimizer step; None means no accumulation (global batch = world_size x micro_batch_size).
     """
+    if cfg.format == "packed_rows":  # rows fixed offline by tools/pack_shards.py (row_loader.py)
+        from pretrain.data.row_loader import build_row_loader
+        return build_row_loader(cfg, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size,
+                                global_batch_size=global_batch_size)
     return TrainLoader(cfg, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size,
                        global_batch_size=global_batch_size)
 
