@@ -43,6 +43,9 @@ def main() -> int:
     ap.add_argument("--max-rows", type=int, help="cap on rows per source (samples, tests)")
     ap.add_argument("--rows-per-shard", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    ap.add_argument("--world-size", type=int, default=1,
+                    help="data-parallel ranks the rows are packed for: training on that many ranks "
+                         "then reproduces the online loader batch for batch")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args()
 
@@ -65,7 +68,8 @@ def main() -> int:
     try:
         cfg.validate()
         r = pack_shards(inputs, a.output, cfg, epochs=a.epochs, max_rows=a.max_rows,
-                        rows_per_shard=a.rows_per_shard, workers=a.workers, progress=not a.no_progress)
+                        rows_per_shard=a.rows_per_shard, workers=a.workers, progress=not a.no_progress,
+                        world_size=a.world_size)
     except ValueError as e:
         print(f"pack_shards: {e}", file=sys.stderr)
         return 2

@@ -158,8 +158,10 @@ def planned_row(pieces: list[Piece], keys: list[str], row_source: str, sources: 
 
 
 def plan_source_rows(cfg: DataConfig, source_idx: int, *, epochs: int = 1,
-                     max_rows: Optional[int] = None) -> Iterator[PlannedRow]:
-    """Yield the rows of one source in the order the online loader (rank 0 of 1) emits them.
+                     max_rows: Optional[int] = None, rank: int = 0,
+                     world_size: int = 1) -> Iterator[PlannedRow]:
+    """Yield the rows of one source in the order the online loader (rank `rank` of `world_size`)
+    emits them.
 
     Rows come from `TrainLoader._next_row` itself (best fit, and tail filling where the config
     asks for it), with images as placeholders. The source's stream refuses to read past epoch
@@ -173,7 +175,7 @@ def plan_source_rows(cfg: DataConfig, source_idx: int, *, epochs: int = 1,
         # depends on the mixture's interleaving of all of them: not a per-source plan.
         raise ValueError(f"plan_source_rows: offline packing supports tail filling of one source, "
                          f"got fill_rows_of={cfg.fill_rows_of}")
-    loader = TrainLoader(cfg, rank=0, world_size=1, micro_batch_size=1)
+    loader = TrainLoader(cfg, rank=rank, world_size=world_size, micro_batch_size=1)
     for st in _streams_of(loader):
         _lengths_only(st, cfg.n_patches)
     stream, packer = loader.streams[source_idx], loader.packers[source_idx]
@@ -313,22 +315,26 @@ _NOT_PACKING = {"root", "tokenizer", "num_workers", "augment", "crop_scale_min",
 
 
 def _fingerprint(cfg: DataConfig, inputs: list[str], epochs: int, max_rows: Optional[int],
-                 rows_per_shard: int) -> dict:
+                 rows_per_shard: int, world_size: int = 1) -> dict:
     """Everything the rows depend on; every other DataConfig field counts (so a packing option
     added later to DataConfig is covered without touching this file)."""
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_PACKING}
     return {"inputs": [os.path.abspath(d) for d in inputs], **fields, "epochs": epochs, "max_rows": max_rows,
-            "rows_per_shard": rows_per_shard}
+            "rows_per_shard": rows_per_shard, "world_size": world_size}
 
 
 def pack_shards(inputs: list[str], output: str, cfg: DataConfig, *, epochs: int = 1,
                 max_rows: Optional[int] = None, rows_per_shard: int = 1000, workers: int = 1,
-                progress: bool = True) -> PackReport:
+                progress: bool = True, world_size: int = 1) -> PackReport:
     """Pack the train documents of `inputs` (ingest output dirs) into row shards under `output`.
 
     cfg supplies sources, weights (a source of weight 0 is not packed), seed, seq_len, image and
     patch size, pack_buffer and tail filling -- the fields the online loader packs with; cfg.root
     is ignored (the inputs replace it). max_rows caps the rows per source (tests, samples).
+    world_size: pack the rows each of that many data-parallel ranks would pack online (rank 0's
+    rows first, then rank 1's, ...; the manifest records `rank_rows` per source), so that
+    training from the rows on that many ranks reproduces the online path batch for batch. Any
+    other world size still reads equal, disjoint blocks of the same rows.
     Planning runs in this process (it is sequential by nature: best fit carries a buffer);
     `workers` processes fetch the JPEGs and write the shards while it plans.
     """
@@ -338,7 +344,9 @@ def pack_shards(inputs: list[str], output: str, cfg: DataConfig, *, epochs: int 
     if epochs < 1:
         raise ValueError(f"pack_shards: epochs must be >= 1, got {epochs}")
     os.makedirs(output, exist_ok=True)
-    fp = _fingerprint(cfg, inputs, epochs, max_rows, rows_per_shard)
+    if world_size < 1:
+        raise ValueError(f"pack_shards: world_size must be >= 1, got {world_size}")
+    fp = _fingerprint(cfg, inputs, epochs, max_rows, rows_per_shard, world_size)
     fp_path = os.path.join(output, "pack_config.json")
     if os.path.exists(fp_path):
         with open(fp_path) as f:
@@ -388,16 +396,22 @@ def pack_shards(inputs: list[str], output: str, cfg: DataConfig, *, epochs: int 
             collect(inflight.popleft().get())
 
     bar = tqdm(desc="pack rows", unit="row", disable=not progress)
+    rank_rows: dict[str, list[int]] = {}
     for s in packed:
         src = cfg.sources[s]
         n, chunk = 0, []
-        for prow in plan_source_rows(pcfg, s, epochs=epochs, max_rows=max_rows):
-            chunk.append(prow)
-            n += 1
-            bar.update(1)
-            if len(chunk) == rows_per_shard:
-                submit(_job(output, src, n - len(chunk), chunk, rows_per_shard))
-                chunk = []
+        rank_rows[src] = []
+        for r in range(world_size):
+            n_before = n
+            for prow in plan_source_rows(pcfg, s, epochs=epochs, max_rows=max_rows, rank=r,
+                                         world_size=world_size):
+                chunk.append(prow)
+                n += 1
+                bar.update(1)
+                if len(chunk) == rows_per_shard:
+                    submit(_job(output, src, n - len(chunk), chunk, rows_per_shard))
+                    chunk = []
+            rank_rows[src].append(n - n_before)
         if chunk:
             submit(_job(output, src, n - len(chunk), chunk, rows_per_shard))
         report.rows[src] = n
@@ -418,7 +432,8 @@ def pack_shards(inputs: list[str], output: str, cfg: DataConfig, *, epochs: int 
     m = RowManifest(root=os.path.abspath(output), seq_len=cfg.seq_len, image_size=cfg.image_size,
                     patch_size=cfg.patch_size, n_patches=cfg.n_patches, tokenizer="tokenizer.model",
                     sources=list(cfg.sources), shards=infos,
-                    extra={"pack": fp, "per_source": per_source, "errors": errors + report.shards_failed})
+                    extra={"pack": fp, "per_source": per_source, "errors": errors + report.shards_failed,
+                           "rank_rows": rank_rows})
     shutil.copyfile(tok, os.path.join(output, "tokenizer.model"))  # the rows' ids mean this tokenizer
     write_row_manifest(m)
     report.seconds = time.time() - t0

@@ -94,6 +94,13 @@ class RowStream:
         self.rank, self.world_size, self.seq_len = rank, world_size, manifest.seq_len
         # Equal rows per rank and pass; with fewer rows than ranks, ranks share rows (no starving).
         self.per_rank = max(1, self.n_rows // world_size)
+        # Rows packed for this world size (pack_shards world_size=W) hold each rank's online rows
+        # as one block: pass 0 reads this rank's own block, so the batches equal the online ones.
+        rank_rows = (manifest.extra.get("rank_rows") or {}).get(source)
+        self.block_start = None
+        if rank_rows and len(rank_rows) == world_size and min(rank_rows) > 0:
+            self.block_start = sum(rank_rows[:rank])
+            self.per_rank = min(rank_rows)
         self.pass_, self.k = 0, 0  # cursor: next row is row k of this rank's block in pass pass_
         self._readers: dict[int, RowShardReader] = {}
         self._plans: dict[int, tuple[np.ndarray, list[int]]] = {}
@@ -129,7 +136,10 @@ class RowStream:
     def locate(self, p: int, k: int) -> tuple[int, str]:
         """(shard index, row key) of row k of this rank's block in pass p."""
         order, cum = self._plan(p)
-        g = (self.rank * self.per_rank + k) % self.n_rows
+        if p == 0 and self.block_start is not None:
+            g = self.block_start + k
+        else:
+            g = (self.rank * self.per_rank + k) % self.n_rows
         j = bisect.bisect_right(cum, g) - 1
         shard = int(order[j])
         local = g - cum[j]
