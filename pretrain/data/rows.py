@@ -38,6 +38,8 @@ import tarfile
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Optional
 
+from pretrain.data.shards import TarIndex  # base of RowShardReader; reshard and offline_pack import it here
+
 ROWS_FORMAT = "packed_rows"
 ROWS_VERSION = 1
 
@@ -217,49 +219,6 @@ class RowShardWriter(AtomicTarWriter):
         self.info.padding += self.seq_len - row.tokens
         self.info.images += len(row.images)
         self.info.pieces += len(row.pieces)
-
-
-class TarIndex:
-    """Random access to the samples of one webdataset tar: keys in file order, members by extension.
-
-    Shared by the row reader and reshard (which copies samples of either kind member by member).
-    """
-
-    def __init__(self, path: str):
-        self.path = path
-        try:
-            self._tar = tarfile.open(path, "r")
-            members = self._tar.getmembers()
-        except (OSError, tarfile.TarError) as e:
-            raise ValueError(f"cannot read shard {path}: {e}") from e
-        self.members: dict[str, dict[str, tarfile.TarInfo]] = {}
-        self.keys: list[str] = []
-        for m in members:
-            if not m.isfile():
-                continue
-            key, _, ext = os.path.basename(m.name).partition(".")
-            if key not in self.members:
-                self.members[key] = {}
-                self.keys.append(key)
-            self.members[key][ext] = m
-        for key in self.keys:
-            if "json" not in self.members[key]:
-                raise ValueError(f"shard {path}: sample {key} has no .json")
-
-    def read_member(self, key: str, ext: str) -> bytes:
-        try:
-            return self._tar.extractfile(self.members[key][ext]).read()
-        except (KeyError, OSError, tarfile.TarError) as e:
-            raise ValueError(f"shard {self.path}: cannot read {key}.{ext}: {e!r}") from e
-
-    def read_json(self, key: str) -> dict:
-        try:
-            return json.loads(self.read_member(key, "json"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"shard {self.path}: bad json in sample {key}: {e!r}") from e
-
-    def close(self) -> None:
-        self._tar.close()
 
 
 class RowShardReader(TarIndex):

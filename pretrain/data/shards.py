@@ -150,8 +150,12 @@ class RawSample:
     images: list[bytes]  # image k at index k
 
 
-class ShardReader:
-    """Random access to the samples of one tar: keys in file order, `read(key)` -> RawSample."""
+class TarIndex:
+    """Random access to the samples of one webdataset tar: keys in file order, members by extension.
+
+    The base of ShardReader (documents) and RowShardReader (packed rows, rows.py); reshard copies
+    samples of either kind member by member through it.
+    """
 
     def __init__(self, path: str):
         self.path = path
@@ -159,47 +163,52 @@ class ShardReader:
             self._tar = tarfile.open(path, "r")
             members = self._tar.getmembers()
         except (OSError, tarfile.TarError) as e:
-            raise ValueError(f"ShardReader: cannot read shard {path}: {e}") from e
-        self._members: dict[str, dict[str, tarfile.TarInfo]] = {}
+            raise ValueError(f"cannot read shard {path}: {e}") from e
+        self.members: dict[str, dict[str, tarfile.TarInfo]] = {}
         self.keys: list[str] = []
         for m in members:
             if not m.isfile():
                 continue
-            base = os.path.basename(m.name)
-            key, _, ext = base.partition(".")
-            if key not in self._members:
-                self._members[key] = {}
+            key, _, ext = os.path.basename(m.name).partition(".")
+            if key not in self.members:
+                self.members[key] = {}
                 self.keys.append(key)
-            self._members[key][ext] = m
+            self.members[key][ext] = m
         for key in self.keys:
-            if "json" not in self._members[key]:
-                raise ValueError(f"ShardReader: shard {path}: sample {key} has no .json")
+            if "json" not in self.members[key]:
+                raise ValueError(f"shard {path}: sample {key} has no .json")
 
-    def _bytes(self, m: tarfile.TarInfo) -> bytes:
-        f = self._tar.extractfile(m)
-        return f.read()
+    def read_member(self, key: str, ext: str) -> bytes:
+        try:
+            return self._tar.extractfile(self.members[key][ext]).read()
+        except (KeyError, OSError, tarfile.TarError) as e:
+            raise ValueError(f"shard {self.path}: cannot read {key}.{ext}: {e!r}") from e
 
     def read_json(self, key: str) -> dict:
         try:
-            return json.loads(self._bytes(self._members[key]["json"]))
-        except (KeyError, json.JSONDecodeError, OSError, tarfile.TarError) as e:
-            raise ValueError(f"ShardReader: shard {self.path}: bad sample {key}: {e!r}") from e
+            return json.loads(self.read_member(key, "json"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"shard {self.path}: bad json in sample {key}: {e!r}") from e
+
+    def close(self) -> None:
+        self._tar.close()
+
+
+class ShardReader(TarIndex):
+    """Random access to the samples of one document shard: keys in file order, `read(key)` -> RawSample."""
 
     def read(self, key: str) -> RawSample:
         doc = self.read_json(key)
-        exts = self._members[key]
+        exts = self.members[key]
         n_img = max([p + 1 for p in doc.get("parts", []) if isinstance(p, int)] + [0])
         images = []
         for k in range(n_img):
             m = exts.get(f"img{k}.jpg")
             if m is None:
-                raise ValueError(f"ShardReader: shard {self.path}: sample {key} lacks img{k}.jpg")
-            images.append(self._bytes(m))
+                raise ValueError(f"shard {self.path}: sample {key} lacks img{k}.jpg")
+            images.append(self.read_member(key, f"img{k}.jpg"))
         return RawSample(key=key, doc=doc, images=images)
 
     def __iter__(self):
         for key in self.keys:
             yield self.read(key)
-
-    def close(self) -> None:
-        self._tar.close()
