@@ -44,7 +44,7 @@ import torch
 from pretrain.batch import PackedBatch
 from pretrain.data.config import DataConfig
 from pretrain.data.images import process_image
-from pretrain.data.mixture import MixtureSchedule
+from pretrain.data.mixture import MixtureSchedule, check_resume_config
 from pretrain.data.packing import (BestFitPacker, Piece, SpecialIds, build_batch, chain, cut_items,
                                    document_items, drop_prefix, piece_lengths, span_length, split_items)
 from pretrain.data.shards import Manifest, ShardReader, load_manifest
@@ -374,11 +374,7 @@ class TrainLoader:
         if d.get("version") != STATE_VERSION:
             raise ValueError(f"TrainLoader.load_state_dict: state version {d.get('version')}, "
                              f"expected {STATE_VERSION}")
-        mine = self._fingerprint()
-        for k, v in d["config"].items():
-            if mine.get(k) != v:
-                raise ValueError(f"TrainLoader.load_state_dict: saved {k}={v!r} but this loader has "
-                                 f"{k}={mine.get(k)!r}; exact resume needs the same data config")
+        check_resume_config("TrainLoader", d["config"], self._fingerprint())
         self.step = int(d["step"])
         self.mixture.load_state_dict(d["mixture"])
         for s, st in self.streams.items():

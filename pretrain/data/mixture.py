@@ -86,3 +86,12 @@ class MixtureSchedule:
 
     def load_state_dict(self, d: dict) -> None:
         self.micro_steps, self.done, self._batch = int(d["micro_steps"]), [int(x) for x in d["done"]], None
+
+
+def check_resume_config(who: str, saved: dict, mine: dict, what: str = "data config") -> None:
+    """Exact resume needs the loader built from the same settings it was saved with: raise
+    ValueError naming the first setting that differs. Shared by both loaders' load_state_dict."""
+    for k, v in saved.items():
+        if mine.get(k) != v:
+            raise ValueError(f"{who}.load_state_dict: saved {k}={v!r} but this loader has "
+                             f"{k}={mine.get(k)!r}; exact resume needs the same {what}")

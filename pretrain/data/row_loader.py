@@ -37,7 +37,7 @@ import numpy as np
 from pretrain.batch import PackedBatch
 from pretrain.data.config import DataConfig
 from pretrain.data.images import process_image
-from pretrain.data.mixture import MixtureSchedule
+from pretrain.data.mixture import MixtureSchedule, check_resume_config
 from pretrain.data.packing import Piece, SpecialIds, build_batch, span_length
 from pretrain.data.rows import PackedRow, RowManifest, RowShardReader, load_row_manifest
 from pretrain.data.stats import batch_stats
@@ -274,11 +274,7 @@ class RowLoader:
             raise ValueError(f"RowLoader.load_state_dict: not a packed-row loader state of version "
                              f"{STATE_VERSION} (got version {d.get('version')}, "
                              f"format {d.get('config', {}).get('format')!r})")
-        mine = self._fingerprint()
-        for k, v in d["config"].items():
-            if mine.get(k) != v:
-                raise ValueError(f"RowLoader.load_state_dict: saved {k}={v!r} but this loader has "
-                                 f"{k}={mine.get(k)!r}; exact resume needs the same data config and rows")
+        check_resume_config("RowLoader", d["config"], self._fingerprint(), "data config and rows")
         self.step = int(d["step"])
         self.schedule.load_state_dict(d["mixture"])
         for s, st in self.streams.items():
