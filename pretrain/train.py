@@ -110,7 +110,7 @@ def build_eval_sets(cfg: RunConfig, rank: int, world: int) -> dict:
 
 def run_image_probe(model, cfg: RunConfig, rank: int, world: int, device) -> dict:
     """Demo check that the model reads pixels: colour/shape word accuracy, real images vs noise."""
-    from pretrain.data.demo import probe_examples
+    from pretrain.data.corpora.demo import probe_examples
     from pretrain.data.loader import load_tokenizer
     from pretrain.data.packing import Document, pack_documents
 
@@ -133,7 +133,7 @@ def run_image_probe(model, cfg: RunConfig, rank: int, world: int, device) -> dic
         result[f"{name}/colour_acc"] = float(c[0]) / n
         result[f"{name}/shape_acc"] = float(c[1]) / n
     result["examples"] = int(c[2])
-    from pretrain.data.demo import COLOURS, SHAPES
+    from pretrain.data.corpora.demo import COLOURS, SHAPES
     result["chance"] = max(1 / len(COLOURS), 1 / len(SHAPES))
     return result
 

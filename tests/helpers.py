@@ -12,7 +12,7 @@ PYTHON = sys.executable
 
 def make_tiny_demo(root: Path, seed: int = 0) -> Path:
     """A small demo corpus (a few hundred documents) in `root`; returns root."""
-    from pretrain.data.demo import DemoSizes, make_demo_data
+    from pretrain.data.corpora.demo import DemoSizes, make_demo_data
     if not (root / "manifest.json").is_file():
         make_demo_data(str(root), seed=seed, verbose=False,
                        sizes=DemoSizes(caption=400, interleaved=120, text=120,

@@ -12,7 +12,7 @@ import torch
 from pretrain.batch import IGNORE_INDEX
 from pretrain.data import (DataConfig, Document, build_eval_batches, build_train_loader, load_manifest,
                            load_tokenizer, pack_documents)
-from pretrain.data.demo import COLOURS, SHAPES, DemoSizes, make_demo_data, probe_examples
+from pretrain.data.corpora.demo import COLOURS, SHAPES, DemoSizes, make_demo_data, probe_examples
 from pretrain.data.shards import ShardReader, split_of
 
 SIZES = DemoSizes(caption=240, interleaved=60, text=60, val_fraction=0.2,

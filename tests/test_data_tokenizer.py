@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from pretrain.data.demo import COLOURS, SHAPES, prose_sentence
+from pretrain.data.corpora.demo import COLOURS, SHAPES, prose_sentence
 from pretrain.data.tokenizer import Tokenizer, train_tokenizer
 
 

@@ -17,10 +17,10 @@ import pytest
 import zstandard
 from PIL import Image
 
-from pretrain.data.ingest import IngestConfig, prepare_image, run_ingest
-from pretrain.data.ingest_captions import read_captions
-from pretrain.data.ingest_interleaved import read_interleaved
-from pretrain.data.ingest_text import read_text
+from pretrain.data.ingest.driver import IngestConfig, prepare_image, run_ingest
+from pretrain.data.ingest.captions import read_captions
+from pretrain.data.ingest.interleaved import read_interleaved
+from pretrain.data.ingest.text import read_text
 from pretrain.data.shards import ShardReader, load_manifest
 from pretrain.data.tokenizer import Tokenizer, train_tokenizer
 

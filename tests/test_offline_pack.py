@@ -17,10 +17,10 @@ import torch
 from pretrain.config import load_config
 from pretrain.data import DataConfig
 from pretrain.data.loader import TrainLoader
-from pretrain.data.offline_pack import pack_shards
+from pretrain.data.offline.pack import pack_shards
 from pretrain.data.packing import build_batch
-from pretrain.data.row_loader import RowLoader, bench_row_loader, row_pieces
-from pretrain.data.rows import RowShardReader, load_row_manifest
+from pretrain.data.offline.row_loader import RowLoader, bench_row_loader, row_pieces
+from pretrain.data.offline.rows import RowShardReader, load_row_manifest
 from pretrain.data.shards import ShardReader, load_manifest
 from pretrain.models import build_model
 from tests.helpers import PYTHON, REPO
@@ -66,8 +66,8 @@ def test_stored_rows_equal_online_rows(tiny_demo, tmp_path, fill):
     filled = 0
     for s, name in enumerate(cfg.sources):
         for i, row in zip(range(40), _stored_rows(tmp_path, name)):
-            want = online._next_row(s)
-            assert [online._key(p) for p in want] == [p.key for p in row.pieces], (name, i)
+            want = online.next_row(s)
+            assert [online.piece_key(p) for p in want] == [p.key for p in row.pieces], (name, i)
             a = build_batch([want], [s], cfg.seq_len, online.ids, cfg.patch_dim)
             b = build_batch([row_pieces(row, 0, cfg, index, augment=True)], [s], cfg.seq_len, online.ids,
                             cfg.patch_dim)

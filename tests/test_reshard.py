@@ -10,10 +10,10 @@ import subprocess
 
 import pytest
 
-from pretrain.data.offline_pack import pack_shards
-from pretrain.data.reshard import balance_partition, reshard
-from pretrain.data.row_loader import RowLoader
-from pretrain.data.rows import RowShardReader, load_row_manifest
+from pretrain.data.offline.pack import pack_shards
+from pretrain.data.offline.reshard import balance_partition, reshard
+from pretrain.data.offline.row_loader import RowLoader
+from pretrain.data.offline.rows import RowShardReader, load_row_manifest
 from pretrain.data.shards import ShardReader, ShardWriter, load_manifest, write_manifest
 from tests.helpers import PYTHON, REPO
 from tests.test_offline_pack import _cfg

@@ -5,7 +5,7 @@
 
 Builds what it measures under --work (kept between runs): a caption tar of 512-px photo-like
 JPEGs in img2dataset's layout (ingest input), and a synthetic corpus of ingested-size shards
-(256-px JPEGs, web-like lengths; pretrain/data/synthetic.py) for the loader at the paper's
+(256-px JPEGs, web-like lengths; pretrain/data/corpora/synthetic.py) for the loader at the paper's
 setting: 224-px images, 14-px patches (256 per image), seq_len 1024, mixture 45/45/10 with
 caption rows tail-filled with text, augmentation on.
 
@@ -34,9 +34,9 @@ def _timed(fn):
 
 
 def bench_ingest(work: str, n_images: int) -> dict:
-    from pretrain.data.ingest import IngestConfig, run_ingest
-    from pretrain.data.ingest_captions import read_captions
-    from pretrain.data.synthetic import synthetic_tokenizer, photo_like_jpeg
+    from pretrain.data.ingest.driver import IngestConfig, run_ingest
+    from pretrain.data.ingest.captions import read_captions
+    from pretrain.data.corpora.synthetic import synthetic_tokenizer, photo_like_jpeg
     src = os.path.join(work, "ingest_src")
     os.makedirs(src, exist_ok=True)
     tar_path = os.path.join(src, f"512px-{n_images}.tar")
@@ -66,7 +66,7 @@ def bench_ingest(work: str, n_images: int) -> dict:
 def bench_tokenizer(work: str, seconds: float) -> dict:
     import random
 
-    from pretrain.data.demo import text_document
+    from pretrain.data.corpora.demo import text_document
     from pretrain.data.tokenizer import Tokenizer, train_tokenizer
     path = os.path.join(work, "tok_bench.model")
     rng = random.Random(0)
@@ -87,7 +87,7 @@ def bench_tokenizer(work: str, seconds: float) -> dict:
 def bench_loader(work: str, seconds: float, workers: int = 0) -> dict:
     from pretrain.data import DataConfig, build_train_loader
     from pretrain.data.stats import StatsAccumulator
-    from pretrain.data.synthetic import make_synthetic_corpus
+    from pretrain.data.corpora.synthetic import make_synthetic_corpus
     root = os.path.join(work, "synthetic224")
     if not os.path.isfile(os.path.join(root, "manifest.json")):
         make_synthetic_corpus(root, n_caption=3000, n_interleaved=1000, n_text=600)
@@ -120,9 +120,9 @@ def bench_packed_rows(work: str, seconds: float) -> dict:
     from dataclasses import replace
 
     from pretrain.data import DataConfig
-    from pretrain.data.offline_pack import pack_shards
-    from pretrain.data.row_loader import bench_row_loader
-    from pretrain.data.synthetic import make_synthetic_corpus
+    from pretrain.data.offline.pack import pack_shards
+    from pretrain.data.offline.row_loader import bench_row_loader
+    from pretrain.data.corpora.synthetic import make_synthetic_corpus
     root = os.path.join(work, "synthetic224")
     if not os.path.isfile(os.path.join(root, "manifest.json")):
         make_synthetic_corpus(root, n_caption=3000, n_interleaved=1000, n_text=600)

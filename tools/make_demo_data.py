@@ -2,7 +2,7 @@
 
     python tools/make_demo_data.py --out data/demo [--seed 0]
 
-Writes the tokenizer, webdataset shards and manifest.json under --out; logic in pretrain/data/demo.py.
+Writes the tokenizer, webdataset shards and manifest.json under --out; logic in pretrain/data/corpora/demo.py.
 """
 import argparse
 import os
@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pretrain.data.demo import DemoSizes, make_demo_data  # noqa: E402
+from pretrain.data.corpora.demo import DemoSizes, make_demo_data  # noqa: E402
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ per shard and per source. Train from them with `data.format=packed_rows data.row
 --config takes the data section of a recipe (sources, weights, seed, image/patch size, buffer,
 tail filling); the flags override it. --fill-text fills the tail of caption rows with text
 (DIR, if given, is read as one more input holding the text source).
-Re-running with the same arguments skips completed shards. Logic: pretrain/data/offline_pack.py.
+Re-running with the same arguments skips completed shards. Logic: pretrain/data/offline/pack.py.
 """
 import argparse
 import dataclasses
@@ -22,7 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pretrain.data.config import DataConfig  # noqa: E402
-from pretrain.data.offline_pack import pack_shards, report_dict  # noqa: E402
+from pretrain.data.offline.pack import pack_shards, report_dict  # noqa: E402
 
 
 def main() -> int:

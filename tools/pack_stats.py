@@ -53,7 +53,7 @@ def main() -> None:
     a = ap.parse_args()
     overrides = list(a.overrides)
     if a.synthetic:
-        from pretrain.data.synthetic import make_synthetic_corpus
+        from pretrain.data.corpora.synthetic import make_synthetic_corpus
         if not os.path.isfile(os.path.join(a.synthetic, "manifest.json")):
             make_synthetic_corpus(a.synthetic, n_caption=3000, n_interleaved=1000, n_text=600)
         overrides += [f"data.root={a.synthetic}", "data.tokenizer=null"]

@@ -1,4 +1,4 @@
-"""Turn raw web data into training shards + manifest (logic in pretrain/data/ingest*.py).
+"""Turn raw web data into training shards + manifest (logic in pretrain/data/ingest/).
 
     python tools/prepare_data.py captions    --input laion/{00000..00099}.tar --output data/web --tokenizer tok.model
     python tools/prepare_data.py interleaved --input obelics/*.parquet       --output data/web --tokenizer tok.model
@@ -19,19 +19,19 @@ from dataclasses import asdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pretrain.data.ingest import IngestConfig, run_ingest  # noqa: E402
+from pretrain.data.ingest.driver import IngestConfig, run_ingest  # noqa: E402
 
 DEFAULT_SOURCE = {"captions": "caption", "interleaved": "interleaved", "text": "text"}
 
 
 def reader_for(kind: str):
     if kind == "captions":
-        from pretrain.data.ingest_captions import read_captions
+        from pretrain.data.ingest.captions import read_captions
         return read_captions
     if kind == "interleaved":
-        from pretrain.data.ingest_interleaved import read_interleaved
+        from pretrain.data.ingest.interleaved import read_interleaved
         return read_interleaved
-    from pretrain.data.ingest_text import read_text
+    from pretrain.data.ingest.text import read_text
     return read_text
 
 

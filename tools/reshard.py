@@ -6,7 +6,7 @@ balanced by tokens, so every rank and data worker gets the same work.
 Documents weigh text tokens + images x --image-tokens + 2; packed rows weigh seq_len each.
 The output manifest's `balance` gives, per source and split, the largest and smallest shard in
 tokens and their relative difference. Re-running skips completed shards; an unreadable input
-shard is reported, counted in the manifest's `errors` and skipped. Logic: pretrain/data/reshard.py.
+shard is reported, counted in the manifest's `errors` and skipped. Logic: pretrain/data/offline/reshard.py.
 """
 import argparse
 import json
@@ -16,7 +16,7 @@ from dataclasses import asdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pretrain.data.reshard import reshard  # noqa: E402
+from pretrain.data.offline.reshard import reshard  # noqa: E402
 
 
 def main() -> int:

@@ -1,6 +1,8 @@
-"""The data pipeline: demo corpus, tokenizer, shards + manifest, packing, train/eval loaders.
+"""The data pipeline, by stage: ingest -> shards + manifest -> packing -> loaders -> PackedBatch.
 
-Modules, one idea each:
+  ingest/       stage 1: raw web data (captions, interleaved, text) -> shards (tools/prepare_data.py)
+  corpora/      generated corpora written as shards: the demo set, synthetic web-like benchmarks
+  (core, this folder: shards to batches)
   config.py     DataConfig (the `data:` section of a recipe)
   tokenizer.py  sentencepiece training + Tokenizer wrapper (control symbols <boi> <eoi> ...)
   shards.py     webdataset shard writer/reader, manifest, train/val split by key hash
@@ -10,15 +12,8 @@ Modules, one idea each:
   loader.py     build_train_loader (infinite, exact resume, balanced rank split, tail fill),
                 build_eval_batches
   stats.py      per-batch statistics: padding, rows/tokens per source, images per row
-  ingest.py     ingest driver: image prep at ingest, skip accounting, resumable per-file tasks
-  ingest_io.py  robust readers: JSONL (.gz/.zst), parquet, streamed webdataset tars
-  ingest_captions.py / ingest_interleaved.py / ingest_text.py   the three input formats
-  synthetic.py  web-like synthetic corpora for benchmarks (tools/bench_data.py, pack_stats.py)
-  demo.py       the synthetic coloured-shapes corpus (tools/make_demo_data.py)
-  rows.py       packed-row shards: tokens, layout and the images still as JPEG, + manifest
-  offline_pack.py  offline packing (tools/pack_shards.py): the online packer's own rows, fixed once
-  row_loader.py build_row_loader: the loader over packed rows (data.format=packed_rows)
-  reshard.py    rewrite any shard set into N shards balanced by tokens (tools/reshard.py)
+  offline/      optional: rows packed ahead of time (tools/pack_shards.py), their loader
+                (data.format=packed_rows), token-balanced resharding (tools/reshard.py)
 """
 from pretrain.data.config import DataConfig
 from pretrain.data.loader import TrainLoader, build_eval_batches, build_train_loader, load_tokenizer

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ from pretrain.data.images import process_image
 from pretrain.data.mixture import MixtureSchedule, check_resume_config
 from pretrain.data.packing import (BestFitPacker, Piece, SpecialIds, build_batch, chain, cut_items,
                                    document_items, drop_prefix, piece_lengths, span_length, split_items)
-from pretrain.data.shards import Manifest, ShardReader, load_manifest
+from pretrain.data.shards import Manifest, RawSample, ShardReader, load_manifest
 from pretrain.data.stats import batch_stats
 from pretrain.data.tokenizer import Tokenizer
 
@@ -123,6 +123,9 @@ class SourceStream:
         self.pool = pool  # optional thread pool shared by the sources (DataConfig.num_workers)
         self.prefetch = 4 * getattr(pool, "_max_workers", 1)
         self.pending: dict[tuple[int, int], Future] = {}
+        # How the document at (epoch, index) is read: the one seam for another reader of the same
+        # order (offline packing, data/offline/pack.py, reads the JSON only and tags placeholders).
+        self.read_sample: Callable[[int, int], RawSample] = self.read_document
 
     def reader(self, i: int) -> ShardReader:
         if i not in self._readers:
@@ -157,7 +160,7 @@ class SourceStream:
             self._orders[epoch] = order
         return self._orders[epoch]
 
-    def _read(self, epoch: int, index: int):
+    def read_document(self, epoch: int, index: int) -> RawSample:
         """Raw bytes of a document (main thread only: tar handles are not thread-safe)."""
         shard, key = self.order(epoch)[index]
         return self.reader(shard).read(key)
@@ -168,7 +171,7 @@ class SourceStream:
                           rng_key=[self.cfg.seed, self.stream_id, epoch, index], augment=augment)
 
     def fetch_items(self, epoch: int, index: int, ids: SpecialIds, augment: bool) -> list:
-        return self._process(self._read(epoch, index), epoch, index, ids, augment)
+        return self._process(self.read_sample(epoch, index), epoch, index, ids, augment)
 
     def fetch(self, epoch: int, index: int, ids: SpecialIds, augment: bool) -> list[Piece]:
         return _pieces(self.fetch_items(epoch, index, ids, augment), self.source_idx, self.cfg.seq_len,
@@ -195,7 +198,7 @@ class SourceStream:
             ahead = pos
             for _ in range(self.prefetch):
                 if ahead not in self.pending:
-                    self.pending[ahead] = self.pool.submit(self._process, self._read(*ahead), *ahead, ids, augment)
+                    self.pending[ahead] = self.pool.submit(self._process, self.read_sample(*ahead), *ahead, ids, augment)
                 ahead = self._normalize(ahead[0], ahead[1] + 1)
             items = self.pending.pop(pos).result()
         self.index += 1
@@ -310,7 +313,8 @@ class TrainLoader:
         return self.mixture.next_micro_batch()
 
     # -- iteration ----------------------------------------------------------------------------
-    def _next_row(self, s: int) -> list[Piece]:
+    def next_row(self, s: int) -> list[Piece]:
+        """The next packed row of source s (its pieces; tail-filled where the config asks)."""
         packer, stream = self.packers[s], self.streams[s]
         while len(packer.buffer) < self.cfg.pack_buffer:
             packer.push(stream.next_piece(self.ids, self.cfg.augment))
@@ -320,7 +324,8 @@ class TrainLoader:
             row.extend(self.filler.fill(room, self.ids, self.cfg.augment))
         return row
 
-    def _key(self, p: Piece) -> str:
+    def piece_key(self, p: Piece) -> str:
+        """The key of the document a piece comes from."""
         if p.ref and p.ref[0] == "fill":
             return self.filler.stream.key_of(*p.ref[1])
         return self.streams[p.source_idx].key_of(p.ref[0], p.ref[1])
@@ -330,8 +335,8 @@ class TrainLoader:
 
     def __next__(self) -> PackedBatch:
         srcs = self.row_sources()
-        rows = [self._next_row(s) for s in srcs]
-        self.last_keys = [[self._key(p) for p in row] for row in rows]
+        rows = [self.next_row(s) for s in srcs]
+        self.last_keys = [[self.piece_key(p) for p in row] for row in rows]
         self.step += 1
         batch = build_batch(rows, srcs, self.cfg.seq_len, self.ids, self.cfg.patch_dim)
         self.last_stats = batch_stats(batch, self.cfg.sources, self.ids.pad)
@@ -405,7 +410,7 @@ def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int, micro_bat
     optimizer step; None means no accumulation (global batch = world_size x micro_batch_size).
     """
     if cfg.format == "packed_rows":  # rows fixed offline by tools/pack_shards.py (row_loader.py)
-        from pretrain.data.row_loader import build_row_loader
+        from pretrain.data.offline.row_loader import build_row_loader
         return build_row_loader(cfg, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size,
                                 global_batch_size=global_batch_size)
     return TrainLoader(cfg, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size,

@@ -153,7 +153,7 @@ class RawSample:
 class TarIndex:
     """Random access to the samples of one webdataset tar: keys in file order, members by extension.
 
-    The base of ShardReader (documents) and RowShardReader (packed rows, rows.py); reshard copies
+    The base of ShardReader (documents) and RowShardReader (packed rows, offline/rows.py); resharding copies
     samples of either kind member by member through it.
     """
 

@@ -90,7 +90,7 @@ class Tokenizer:
 
 def _lines_of(path: str, text_field: str) -> Iterator[str]:
     """Lines of a text file, or of the `text_field` of every JSONL record (plain/.gz/.zst)."""
-    from pretrain.data.ingest_io import iter_jsonl
+    from pretrain.data.ingest.io import iter_jsonl
     name = path[:-3] if path.endswith(".gz") else path[:-4] if path.endswith(".zst") else path
     if name.endswith((".jsonl", ".json")):
         for rec in iter_jsonl(path):

@@ -4,9 +4,9 @@
         [--config pretrain/configs/demo.yaml] [--workers 2] [--epochs 1] [--rows-per-shard 1000]
 
 One code path: the rows are those of the online loader itself. `plan_source_rows` builds a
-`TrainLoader` (rank 0 of 1) and calls its `_next_row(s)`: the same document order (a function of
+`TrainLoader` (rank 0 of 1) and calls its `next_row(s)`: the same document order (a function of
 (seed, source, epoch, index)), pieces (image spans atomic), best-fit packer and caption-tail
-filling. Only the read is swapped: images are placeholder tensors [n_patches, 0] (packing needs
+filling. Only the read is swapped (through `SourceStream.read_sample`): images are placeholder tensors [n_patches, 0] (packing needs
 their length only), tagged with their JPEG's location and with the key (stream, epoch, index,
 image) the online loader draws their crop and flip from. The row shard stores the JPEG and that
 key, so the row loader reproduces the online patches bit for bit, and the augmentation still
@@ -45,7 +45,7 @@ import torch
 from pretrain.data.config import DataConfig
 from pretrain.data.loader import SourceStream, TrainLoader
 from pretrain.data.packing import Piece
-from pretrain.data.rows import (PackedRow, RowManifest, RowPiece, RowShardInfo, RowShardWriter, TarIndex,
+from pretrain.data.offline.rows import (PackedRow, RowManifest, RowPiece, RowShardInfo, RowShardWriter, TarIndex,
                                 row_shard_info_of, write_row_manifest)
 from pretrain.data.shards import Manifest, RawSample, load_manifest, write_manifest
 
@@ -81,8 +81,9 @@ def _placeholder(n_patches: int, ref: tuple) -> torch.Tensor:
     return t
 
 
-def _lengths_only(stream: SourceStream, n_patches: int) -> None:
-    """Make `stream` read placeholders instead of JPEG bytes (see `_placeholder`).
+def _lengths_only(stream: SourceStream, n_patches: int, epochs: Optional[int] = None) -> None:
+    """Make `stream` read placeholders instead of JPEG bytes (see `_placeholder`); with `epochs`,
+    reading a document of epoch `epochs` or later ends the plan (raises _EndOfPlan).
 
     Only the read is swapped: document order, items, pieces, tail filling and the packer are the
     online ones, and the online `_doc_items` passes tensors through undecoded. The online loader
@@ -91,6 +92,8 @@ def _lengths_only(stream: SourceStream, n_patches: int) -> None:
     row loader can rebuild it from source names).
     """
     def read(epoch: int, index: int) -> RawSample:
+        if epochs is not None and epoch >= epochs:  # positions arrive normalised (index < per_rank)
+            raise _EndOfPlan
         shard, key = stream.order(epoch)[index]
         doc = stream.reader(shard).read_json(key)  # json only: packing needs no pixels
         n_img = max([p + 1 for p in doc.get("parts", []) if isinstance(p, int)] + [0])
@@ -99,12 +102,7 @@ def _lengths_only(stream: SourceStream, n_patches: int) -> None:
                   for k in range(n_img)]
         return RawSample(key=key, doc=doc, images=images)
 
-    stream._read = read
-
-
-def _finished(stream: SourceStream, epochs: int) -> bool:
-    """True once the stream's cursor has passed the end of epoch `epochs - 1`."""
-    return stream._normalize(stream.epoch, stream.index)[0] >= epochs
+    stream.read_sample = read
 
 
 @dataclass
@@ -163,7 +161,7 @@ def plan_source_rows(cfg: DataConfig, source_idx: int, *, epochs: int = 1,
     """Yield the rows of one source in the order the online loader (rank `rank` of `world_size`)
     emits them.
 
-    Rows come from `TrainLoader._next_row` itself (best fit, and tail filling where the config
+    Rows come from `TrainLoader.next_row` itself (best fit, and tail filling where the config
     asks for it), with images as placeholders. The source's stream refuses to read past epoch
     `epochs - 1`; the pieces still buffered then are flushed into final rows (so every train
     document is in exactly one row per epoch; flushed rows get no tail filling, they are the
@@ -176,25 +174,18 @@ def plan_source_rows(cfg: DataConfig, source_idx: int, *, epochs: int = 1,
         raise ValueError(f"plan_source_rows: offline packing supports tail filling of one source, "
                          f"got fill_rows_of={cfg.fill_rows_of}")
     loader = TrainLoader(cfg, rank=rank, world_size=world_size, micro_batch_size=1)
-    for st in _streams_of(loader):
-        _lengths_only(st, cfg.n_patches)
-    stream, packer = loader.streams[source_idx], loader.packers[source_idx]
-    read_next = stream.next_piece
-
-    def next_piece(*args, **kwargs):
-        if _finished(stream, epochs):
-            raise _EndOfPlan
-        return read_next(*args, **kwargs)
-    stream.next_piece = next_piece
+    for st in _streams_of(loader):  # the source's own stream stops after `epochs`; the filler does not
+        _lengths_only(st, cfg.n_patches, epochs if st is loader.streams[source_idx] else None)
+    packer = loader.packers[source_idx]
     name, n = cfg.sources[source_idx], 0
 
     def out(row: list[Piece]) -> PlannedRow:
         # Keys now: the stream caches the order of two epochs only; a piece may wait longer.
-        return planned_row(row, [loader._key(p) for p in row], name, cfg.sources, cfg.seq_len)
+        return planned_row(row, [loader.piece_key(p) for p in row], name, cfg.sources, cfg.seq_len)
     try:
         while max_rows is None or n < max_rows:
             try:
-                row = loader._next_row(source_idx)
+                row = loader.next_row(source_idx)
             except _EndOfPlan:
                 break
             yield out(row)

@@ -18,10 +18,10 @@ import json
 import os
 from typing import Iterator, Union
 
-from pretrain.data.ingest import BadImage, IngestConfig, RawDoc, Skip
-from pretrain.data.ingest_captions import IMAGE_EXTS, _stem, read_image_field
-from pretrain.data.ingest_io import iter_records, iter_tar_samples
-from pretrain.data.ingest_text import record_key
+from pretrain.data.ingest.driver import BadImage, IngestConfig, RawDoc, Skip
+from pretrain.data.ingest.captions import IMAGE_EXTS, read_image_field
+from pretrain.data.ingest.io import input_stem, iter_records, iter_tar_samples
+from pretrain.data.ingest.text import record_key
 
 
 def doc_from_record(rec: dict, where: str, key: str, image_of) -> Union[RawDoc, Skip]:
@@ -51,7 +51,7 @@ def doc_from_record(rec: dict, where: str, key: str, image_of) -> Union[RawDoc, 
 
 
 def read_interleaved(path: str, cfg: IngestConfig) -> Iterator[Union[RawDoc, Skip]]:
-    stem = _stem(path)
+    stem = input_stem(path)
     if path.endswith((".tar", ".tar.gz", ".tgz")):
         for item in iter_tar_samples(path):
             if isinstance(item, Skip):

@@ -1,4 +1,4 @@
-"""Image-caption pairs -> RawDoc(parts=[image 0, caption]) for the ingest driver (ingest.py).
+"""Image-caption pairs -> RawDoc(parts=[image 0, caption]) for the ingest driver (driver.py).
 
 Inputs, by extension:
   * `.tar` (also .tar.gz/.tgz): webdataset tars in img2dataset's layout: KEY.jpg (or .jpeg,
@@ -18,18 +18,10 @@ from __future__ import annotations
 import os
 from typing import Iterator, Union
 
-from pretrain.data.ingest import IngestConfig, RawDoc, Skip
-from pretrain.data.ingest_io import iter_records, iter_tar_samples
+from pretrain.data.ingest.driver import IngestConfig, RawDoc, Skip
+from pretrain.data.ingest.io import input_stem, iter_records, iter_tar_samples
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-
-
-def _stem(path: str) -> str:
-    base = os.path.basename(path)
-    for ext in (".tar.gz", ".tgz", ".tar", ".parquet", ".jsonl.gz", ".jsonl.zst", ".jsonl", ".json.gz"):
-        if base.endswith(ext):
-            return base[: -len(ext)]
-    return base.split(".")[0]
 
 
 def _caption_of_json(raw: bytes, field_names=("caption", "text")):
@@ -66,7 +58,7 @@ def read_image_field(value, base_dir: str) -> tuple[bytes | None, str]:
 
 
 def read_captions(path: str, cfg: IngestConfig) -> Iterator[Union[RawDoc, Skip]]:
-    stem = _stem(path)
+    stem = input_stem(path)
     if path.endswith((".tar", ".tar.gz", ".tgz")):
         for item in iter_tar_samples(path):
             if isinstance(item, Skip):

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from typing import Iterator, Union
 
-from pretrain.data.ingest import IngestConfig, RawDoc, Skip
-from pretrain.data.ingest_captions import _stem
-from pretrain.data.ingest_io import iter_records
+from pretrain.data.ingest.driver import IngestConfig, RawDoc, Skip
+from pretrain.data.ingest.io import input_stem, iter_records
 
 
 def record_key(rec: dict, stem: str, where: str) -> str:
@@ -22,7 +21,7 @@ def record_key(rec: dict, stem: str, where: str) -> str:
 
 
 def read_text(path: str, cfg: IngestConfig) -> Iterator[Union[RawDoc, Skip]]:
-    stem = _stem(path)
+    stem = input_stem(path)
     for item in iter_records(path):
         if isinstance(item, Skip):
             yield item

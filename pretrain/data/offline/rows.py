@@ -1,6 +1,6 @@
 """Packed-row shards: training rows fixed offline, images still JPEG, layout ready for PackedBatch.
 
-`tools/pack_shards.py` (logic in `offline_pack.py`) writes them; `row_loader.py` reads them;
+`tools/pack_shards.py` (logic in `pack.py`) writes them; `row_loader.py` reads them;
 `tools/reshard.py` (logic in `reshard.py`) rebalances them. One row = one sample of a tar:
 
     KEY.json   {"source": "caption",                 # the row's mixture slot (its padding's source)
@@ -38,7 +38,7 @@ import tarfile
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Optional
 
-from pretrain.data.shards import TarIndex  # base of RowShardReader; reshard and offline_pack import it here
+from pretrain.data.shards import TarIndex  # base of RowShardReader; reshard.py and pack.py import it here
 
 ROWS_FORMAT = "packed_rows"
 ROWS_VERSION = 1

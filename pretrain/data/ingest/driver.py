@@ -1,6 +1,6 @@
 """Ingest driver shared by the three formats: images at ingest, skip accounting, resumable tasks.
 
-The format readers (ingest_captions.py, ingest_interleaved.py, ingest_text.py) turn one input
+The format readers (captions.py, interleaved.py, text.py) turn one input
 file into a stream of `RawDoc` (a key, parts, raw image bytes) or `Skip` (a bad sample, with its
 reason and place). This module does the rest, identically for every format:
 
@@ -41,6 +41,7 @@ from typing import Callable, Iterator, Optional, Union
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from pretrain.data.ingest.io import Skip  # re-exported: the readers take Skip from here with RawDoc
 from pretrain.data.shards import ShardInfo, ShardWriter, split_of, write_manifest
 from pretrain.data.tokenizer import Tokenizer
 
@@ -107,15 +108,6 @@ class RawDoc:
     where: str  # file:line or tar:member, for log messages
     drop_bad_images: bool = False  # True: a bad image is dropped and the doc kept (interleaved)
     needs_text: bool = False  # True: a doc without text is skipped (caption pairs)
-
-
-@dataclass
-class Skip:
-    """A bad sample (or a bad stretch of a file): counted under `reason`, logged with `where`."""
-    reason: str
-    where: str
-    detail: str = ""
-    samples: int = 1  # how many samples it stands for (0: a file-level event, e.g. truncation)
 
 
 @dataclass

@@ -20,7 +20,7 @@ Augmentation. Each image carries the key under which the online loader draws its
 (rows.py); pass 0 draws from rng(seed, stream_id, epoch, index, part), exactly the online
 generator, later passes append p (new crops when rows repeat).
 
-Mixture: the online `MixtureSchedule` (mixture.py), so the sources of the rows of every global
+Mixture: the online `MixtureSchedule` (data/mixture.py), so the sources of the rows of every global
 batch are the online ones. Exact resume: the state is (pass, k) per source plus the schedule's
 state; a row's patches are a pure function of (row, pass, seed), so prefetching threads
 (`num_workers`) change nothing and have no state to save.
@@ -39,7 +39,7 @@ from pretrain.data.config import DataConfig
 from pretrain.data.images import process_image
 from pretrain.data.mixture import MixtureSchedule, check_resume_config
 from pretrain.data.packing import Piece, SpecialIds, build_batch, span_length
-from pretrain.data.rows import PackedRow, RowManifest, RowShardReader, load_row_manifest
+from pretrain.data.offline.rows import PackedRow, RowManifest, RowShardReader, load_row_manifest
 from pretrain.data.stats import batch_stats
 from pretrain.data.tokenizer import Tokenizer
 

@@ -3,7 +3,8 @@
 Each generator yields good records and `Skip` events, and never raises on bad data: a malformed
 JSON line is one Skip("bad_json"), a truncated gzip/zstd stream or tar ends the file with one
 Skip("truncated_input"/"truncated_tar", samples=0) after everything readable before the damage.
-Used by ingest_captions.py, ingest_interleaved.py and ingest_text.py.
+Used by captions.py, interleaved.py and text.py, and by the tokenizer trainer (JSONL input).
+`Skip` lives here, at the bottom of the ingest stage, so that readers and driver both build on it.
 """
 from __future__ import annotations
 
@@ -13,9 +14,26 @@ import json
 import os
 import tarfile
 import zlib
+from dataclasses import dataclass
 from typing import Iterator, Optional, Union
 
-from pretrain.data.ingest import Skip
+
+@dataclass
+class Skip:
+    """A bad sample (or a bad stretch of a file): counted under `reason`, logged with `where`."""
+    reason: str
+    where: str
+    detail: str = ""
+    samples: int = 1  # how many samples it stands for (0: a file-level event, e.g. truncation)
+
+
+def input_stem(path: str) -> str:
+    """The input file's name without its container extensions (keys and task names start with it)."""
+    base = os.path.basename(path)
+    for ext in (".tar.gz", ".tgz", ".tar", ".parquet", ".jsonl.gz", ".jsonl.zst", ".jsonl", ".json.gz"):
+        if base.endswith(ext):
+            return base[: -len(ext)]
+    return base.split(".")[0]
 
 
 def _open_binary(path: str):

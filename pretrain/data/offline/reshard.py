@@ -35,7 +35,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from pretrain.data.rows import (AtomicTarWriter, RowManifest, RowShardInfo, TarIndex, is_row_manifest,
+from pretrain.data.offline.rows import (AtomicTarWriter, RowManifest, RowShardInfo, TarIndex, is_row_manifest,
                                 load_row_manifest, write_row_manifest)
 from pretrain.data.shards import ShardInfo, load_manifest
 

@@ -10,7 +10,7 @@ Images are photo-like JPEGs (a smooth random field plus sensor-like noise; 24-32
 ~90 KB at 512x512, quality 90: the size of real web photos), drawn from a small pool so
 generation is fast while every use still pays a full decode.
 
-    from pretrain.data.synthetic import make_synthetic_corpus
+    from pretrain.data.corpora.synthetic import make_synthetic_corpus
     make_synthetic_corpus("/tmp/synth", n_caption=2000, n_interleaved=600, n_text=400)
 """
 from __future__ import annotations
