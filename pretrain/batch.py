@@ -27,6 +27,10 @@ class PackedBatch:
         return PackedBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
                               for f in fields(self)})
 
+    def pin_memory(self) -> "PackedBatch":
+        """Page-locked copies (torch DataLoader's pin_memory thread calls this)."""
+        return PackedBatch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+
     def with_patches(self, patches: torch.Tensor) -> "PackedBatch":
         """The same batch with other pixels (e.g. noise, for the image-reading probe)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -84,7 +84,7 @@ def test_resume_with_another_worker_count(tiny_demo, workers_before, workers_aft
     new.load_state_dict(state)
     for i in range(9, 24):
         assert _same(next(new), want[i]), i
-    assert max(st.epoch for st in new.streams.values()) >= 1  # crossed an epoch boundary
+    assert max(st["epoch"] for st in new.state_dict()["streams"].values()) >= 1  # crossed an epoch boundary
     new.close()
 
 
@@ -122,7 +122,7 @@ def _uniform_text_corpus(root, tok_path, sizes, seq_len):
 def test_three_shards_two_ranks_two_workers_no_starvation(tiny_demo, tmp_path):
     n_docs = _uniform_text_corpus(tmp_path, os.path.join(tiny_demo, "tokenizer.model"), [7, 2, 4], 32)
     cfg = DataConfig(root=str(tmp_path), sources=["text"], weights=[1.0], seq_len=32, image_size=16,
-                     patch_size=8, pack_buffer=2, num_workers=2)
+                     patch_size=8, pack_buffer=2, decode_threads=2)
     per_rank = n_docs // 2  # 6 documents per rank and epoch, whatever the shard sizes
     seen, epochs_at = [], []
     for rank in range(2):

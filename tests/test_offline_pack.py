@@ -68,7 +68,7 @@ def test_stored_rows_equal_online_rows(tiny_demo, tmp_path, fill):
         for i, row in zip(range(40), _stored_rows(tmp_path, name)):
             want = online.next_row(s)
             assert [online.piece_key(p) for p in want] == [p.key for p in row.pieces], (name, i)
-            a = build_batch([want], [s], cfg.seq_len, online.ids, cfg.patch_dim)
+            a = online.build_rows([s], [want])
             b = build_batch([row_pieces(row, 0, cfg, index, augment=True)], [s], cfg.seq_len, online.ids,
                             cfg.patch_dim)
             assert _same(a, b), (name, i)
@@ -165,7 +165,7 @@ def test_row_loader_resume_is_exact_across_passes(packed):
     want = [next(ref) for _ in range(30)]
     assert max(st.pass_ for st in ref.streams.values()) >= 1  # crossed a pass boundary
     for stop in [0, 11, 23]:
-        run = RowLoader(dataclasses.replace(cfg, num_workers=2), **kw)  # prefetch threads: same batches
+        run = RowLoader(dataclasses.replace(cfg, decode_threads=2), **kw)  # prefetch threads: same batches
         for i in range(stop):
             assert _same(next(run), want[i])
         state = json.loads(json.dumps(run.state_dict()))
@@ -176,6 +176,26 @@ def test_row_loader_resume_is_exact_across_passes(packed):
             assert _same(next(new), want[i]), (stop, i)
     with pytest.raises(ValueError, match="world_size"):
         RowLoader(cfg, rank=1, world_size=3, micro_batch_size=4, rows_root=str(rows_dir)).load_state_dict(state)
+
+
+def test_row_loader_in_worker_processes(packed):
+    """data.num_workers > 0 over packed rows: the same batches, and resume from 2 workers to 0."""
+    from pretrain.data.loader import build_train_loader
+    cfg, rows_dir = packed
+    cfg = dataclasses.replace(cfg, format="packed_rows", rows_root=str(rows_dir))
+    kw = dict(rank=0, world_size=2, micro_batch_size=4)
+    ref = build_train_loader(cfg, **kw)
+    want = [next(ref) for _ in range(12)]
+    run = build_train_loader(dataclasses.replace(cfg, num_workers=2), **kw)
+    for i in range(5):
+        assert _same(next(run), want[i]), i
+    assert run.last_keys and run.last_stats
+    state = run.state_dict()
+    run.close()
+    new = build_train_loader(cfg, **kw)
+    new.load_state_dict(state)
+    for i in range(5, 12):
+        assert _same(next(new), want[i]), i
 
 
 def test_ranks_get_equal_disjoint_rows(packed):

@@ -2,6 +2,7 @@
 (tokens/s) on both paths: online packing, and rows packed offline by tools/pack_shards.py.
 
     taskset -c 0 python tools/bench_data.py [--work /tmp/bench_data] [--seconds 20] [--json]
+    python tools/bench_data.py --only loader --workers 0 1 2      # the worker-process curve
 
 Builds what it measures under --work (kept between runs): a caption tar of 512-px photo-like
 JPEGs in img2dataset's layout (ingest input), and a synthetic corpus of ingested-size shards
@@ -13,6 +14,10 @@ Every rate is given twice: per CPU-second of this process (`cpu`, what "per core
 to other jobs sharing the machine) and per wall-clock second (`wall`, honest only on an idle
 core). Run it pinned to one core (taskset -c 0) so that neither number borrows a second core.
 Targets (issue 6): loader >= 150k tokens/s/core, ingest >= 300 images/s/core.
+
+`--workers 0 1 2 ...` runs the loader once per worker-process count (data.num_workers) and adds,
+per count, the CPU time of the worker processes to the per-CPU-second rate and the training
+thread's own CPU time per batch (`main ms/batch`). Do not pin that run to one core.
 """
 import argparse
 import io
@@ -84,7 +89,24 @@ def bench_tokenizer(work: str, seconds: float) -> dict:
             "n": n_tok, "cpu": n_tok / cpu, "wall": n_tok / wall}
 
 
-def bench_loader(work: str, seconds: float, workers: int = 0) -> dict:
+def _children_cpu(ld) -> float:
+    """CPU seconds (user + system) used so far by the loader's worker processes (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in getattr(getattr(ld, "_dl_iter", None), "_workers", []):
+        try:
+            with open(f"/proc/{p.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        except OSError:
+            pass
+    return total
+
+
+def bench_loader(work: str, seconds: float, workers: int = 0, decode_threads: int = 0) -> dict:
+    """The online loader with `workers` worker processes (data.num_workers). CPU time counts
+    this process and its workers; `main_ms` is this thread's CPU time per batch, what the
+    training loop pays to receive one."""
     from pretrain.data import DataConfig, build_train_loader
     from pretrain.data.stats import StatsAccumulator
     from pretrain.data.corpora.synthetic import make_synthetic_corpus
@@ -92,24 +114,29 @@ def bench_loader(work: str, seconds: float, workers: int = 0) -> dict:
     if not os.path.isfile(os.path.join(root, "manifest.json")):
         make_synthetic_corpus(root, n_caption=3000, n_interleaved=1000, n_text=600)
     cfg = DataConfig(root=root, seq_len=1024, image_size=224, patch_size=14, pack_buffer=64,
-                     fill_rows_of=["caption"], num_workers=workers)
+                     fill_rows_of=["caption"], num_workers=workers, decode_threads=decode_threads)
     mbs = 8
     ld = build_train_loader(cfg, rank=0, world_size=1, micro_batch_size=mbs)
-    for _ in range(4):  # warm-up: fill the packing buffers
+    for _ in range(4 + 2 * workers):  # warm-up: start workers, fill the packing buffers
         next(ld)
     acc = StatsAccumulator(cfg.sources)
-    n = 0
-    w, c = time.perf_counter(), time.process_time()
+    n, main_cpu = 0, 0.0
+    w, c, cc = time.perf_counter(), time.process_time(), _children_cpu(ld)
     while time.perf_counter() - w < seconds:
+        t = time.thread_time()
         next(ld)
+        main_cpu += time.thread_time() - t
         acc.add(ld.last_stats)
         n += 1
-    wall, cpu = time.perf_counter() - w, time.process_time() - c
+    wall = time.perf_counter() - w
+    cpu = time.process_time() - c + _children_cpu(ld) - cc
     ld.close()
     n_tok = n * mbs * cfg.seq_len
     s = acc.summary()
-    return {"what": "loader: read, decode, crop+flip 224, patchify, best-fit pack, PackedBatch (T=1024)",
-            "unit": "tokens/s", "n": n_tok, "cpu": n_tok / cpu, "wall": n_tok / wall,
+    what = "loader: read, decode, crop+flip 224, patchify, best-fit pack, PackedBatch (T=1024)"
+    return {"what": what if not workers else f"{what}, {workers} worker process(es)",
+            "unit": "tokens/s", "n": n_tok, "cpu": n_tok / cpu, "wall": n_tok / wall, "workers": workers,
+            "main_ms": 1000 * main_cpu / max(n, 1), "batches": n,
             "images_per_s_cpu": sum(v["images_per_row"] * v["rows"] for v in s["per_source"].values()) / cpu,
             "padding_frac": s["padding_frac"]}
 
@@ -145,6 +172,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0, help="measuring time for tokenizer and loader")
     ap.add_argument("--ingest-images", type=int, default=3000)
     ap.add_argument("--only", choices=["ingest", "tokenizer", "loader", "rows"], nargs="*")
+    ap.add_argument("--workers", type=int, nargs="+", default=[0],
+                    help="loader worker-process counts to measure (data.num_workers)")
+    ap.add_argument("--decode-threads", type=int, default=0, help="data.decode_threads for the loader")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)
@@ -155,7 +185,7 @@ def main() -> None:
     if "tokenizer" in only:
         rows.append(bench_tokenizer(a.work, a.seconds))
     if "loader" in only:
-        rows.append(bench_loader(a.work, a.seconds))
+        rows.extend(bench_loader(a.work, a.seconds, n, a.decode_threads) for n in a.workers)
     if "rows" in only:
         rows.append(bench_packed_rows(a.work, a.seconds))
     env = {"cpu_affinity": sorted(os.sched_getaffinity(0)), "loadavg_1m": os.getloadavg()[0],
@@ -168,6 +198,9 @@ def main() -> None:
     print(f"{'benchmark':<86} {'per CPU-s':>12} {'per wall-s':>12}  unit")
     for r in rows:
         print(f"{r['what']:<86} {r['cpu']:>12,.0f} {r['wall']:>12,.0f}  {r['unit']}")
+        if "main_ms" in r:
+            print(f"{'  (main thread: CPU ms per batch of 8 x 1024, batches measured)':<86} "
+                  f"{r['main_ms']:>12.2f} {r['batches']:>12d}")
         if "padding_frac" in r:
             print(f"{'  (loader: images/s per CPU-s, padding fraction)':<86} {r['images_per_s_cpu']:>12,.0f} "
                   f"{r['padding_frac']:>12.4f}")

@@ -23,8 +23,13 @@ class DataConfig:
     image_size: int = 32
     # Side of a square patch in pixels; image_size must be a multiple of it.
     patch_size: int = 8
-    # Threads decoding/augmenting documents ahead of use (0: all in the calling thread); exact either way.
+    # Worker processes that plan, decode, augment and lay out batches (torch DataLoader workers;
+    # worker w builds batches w, w+N, ...). 0: all in the training process. Batches and resume
+    # state are identical for every value, so it may change between runs of one job.
     num_workers: int = 0
+    # Threads decoding a batch's images inside whichever process builds it (PIL releases the GIL
+    # while decoding and resizing). 0: decode in the building thread. Never changes a batch.
+    decode_threads: int = 0
     # Seed of every random choice (shard order, sample order, augmentation, mixture).
     seed: int = 0
     # Documents (or document pieces) held in the best-fit packing buffer, per source.
@@ -105,6 +110,8 @@ class DataConfig:
                              "tools/pack_shards.py")
         if self.num_workers < 0:
             raise ValueError(f"DataConfig.num_workers: must be >= 0, got {self.num_workers}")
+        if self.decode_threads < 0:
+            raise ValueError(f"DataConfig.decode_threads: must be >= 0, got {self.decode_threads}")
         if self.pack_buffer < 1:
             raise ValueError(f"DataConfig.pack_buffer: must be >= 1, got {self.pack_buffer}")
         if not 0 < self.crop_scale_min <= self.crop_scale_max <= 1.0:

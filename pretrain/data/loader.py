@@ -26,16 +26,19 @@ cutting the oldest buffered piece to the room left (packing.BestFitPacker, cut-t
 Caption rows (DataConfig.fill_rows_of) can have their tail filled with text cut to fit
 (`TailFiller`): a separate cursor over the fill source, whose position is part of the state.
 
-`num_workers` > 0 adds a thread pool that decodes and augments the next few documents of each
-stream ahead of use. Because a document's pieces are a pure function of its position, prefetching
-cannot change any batch, so resume is exact with any number of workers (the state holds no
-worker state at all). (Threads rather than torch DataLoader processes: the packer is sequential
-state, and PIL/numpy release the GIL in decode/resize; tar reads stay on the calling thread.)
+Rows are planned from lengths and their images decoded only when a batch is built
+(`lazy_images.py`): a stream's documents carry their images as undecoded placeholders, and
+`__next__` decodes the batch's images (on `decode_threads` threads when > 0) before laying the
+rows out. `skip_next` plans a batch without decoding it; that is how `num_workers` > 0 worker
+processes (`workers.py`) share one plan and each build every N-th batch. A document's pieces are
+a pure function of its position, so batches and the state are the same for any number of worker
+processes or threads, and resume is exact across a change of either.
 """
 from __future__ import annotations
 
+import functools
 import math
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 import numpy as np
@@ -44,6 +47,7 @@ import torch
 from pretrain.batch import PackedBatch
 from pretrain.data.config import DataConfig
 from pretrain.data.images import process_image
+from pretrain.data.lazy_images import decode_image, lazy_image, materialise_rows
 from pretrain.data.mixture import MixtureSchedule, check_resume_config
 from pretrain.data.packing import (BestFitPacker, Piece, SpecialIds, build_batch, chain, cut_items,
                                    document_items, drop_prefix, piece_lengths, span_length, split_items)
@@ -102,8 +106,7 @@ class SourceStream:
     """
 
     def __init__(self, manifest: Manifest, source: str, source_idx: int, cfg: DataConfig,
-                 rank: int, world_size: int, pool: Optional[ThreadPoolExecutor] = None,
-                 stream_id: Optional[int] = None):
+                 rank: int, world_size: int, stream_id: Optional[int] = None):
         self.shards = manifest.select(source, "train")
         if not self.shards:
             raise ValueError(f"SourceStream: no train shards for source {source!r} in "
@@ -120,9 +123,6 @@ class SourceStream:
         self._readers: dict[int, ShardReader] = {}
         self._orders: dict[int, list[tuple[int, str]]] = {}
         self.epoch, self.index = 0, 0  # cursor: next document to read
-        self.pool = pool  # optional thread pool shared by the sources (DataConfig.num_workers)
-        self.prefetch = 4 * getattr(pool, "_max_workers", 1)
-        self.pending: dict[tuple[int, int], Future] = {}
         # How the document at (epoch, index) is read: the one seam for another reader of the same
         # order (offline packing, data/offline/pack.py, reads the JSON only and tags placeholders).
         self.read_sample: Callable[[int, int], RawSample] = self.read_document
@@ -161,14 +161,23 @@ class SourceStream:
         return self._orders[epoch]
 
     def read_document(self, epoch: int, index: int) -> RawSample:
-        """Raw bytes of a document (main thread only: tar handles are not thread-safe)."""
+        """Raw bytes of a document (one thread only: tar handles are not thread-safe)."""
         shard, key = self.order(epoch)[index]
         return self.reader(shard).read(key)
 
     def _process(self, raw, epoch: int, index: int, ids: SpecialIds, augment: bool) -> list:
-        """Pure function of (raw document, seed, stream, epoch, index): safe to run in a thread."""
-        return _doc_items(raw.doc, raw.images, ids, self.cfg,
-                          rng_key=[self.cfg.seed, self.stream_id, epoch, index], augment=augment)
+        """The document's items with its images as undecoded placeholders (lazy_images.py), each
+        seeded by (seed, stream, epoch, index, image slot): a pure function of the position."""
+        key = [self.cfg.seed, self.stream_id, epoch, index]
+        parts = []
+        for part in raw.doc["parts"]:
+            if isinstance(part, int):
+                img = raw.images[part]
+                parts.append(img if isinstance(img, torch.Tensor) else  # already a placeholder
+                             lazy_image(img, self.cfg.n_patches, key + [part] if augment else None))
+            else:
+                parts.append(part)
+        return document_items(parts, ids)
 
     def fetch_items(self, epoch: int, index: int, ids: SpecialIds, augment: bool) -> list:
         return self._process(self.read_sample(epoch, index), epoch, index, ids, augment)
@@ -185,22 +194,10 @@ class SourceStream:
         return epoch + index // n, index % n
 
     def next_items(self, ids: SpecialIds, augment: bool) -> tuple[tuple[int, int], list]:
-        """(position, items) of the next document; advances the cursor.
-
-        With a thread pool, the next few documents are decoded and augmented ahead of time.
-        That cannot change results: a document's items are a pure function of its position.
-        """
+        """(position, items) of the next document (images undecoded); advances the cursor."""
         self.epoch, self.index = self._normalize(self.epoch, self.index)
         pos = (self.epoch, self.index)
-        if self.pool is None:
-            items = self.fetch_items(*pos, ids, augment)
-        else:
-            ahead = pos
-            for _ in range(self.prefetch):
-                if ahead not in self.pending:
-                    self.pending[ahead] = self.pool.submit(self._process, self.read_sample(*ahead), *ahead, ids, augment)
-                ahead = self._normalize(ahead[0], ahead[1] + 1)
-            items = self.pending.pop(pos).result()
+        items = self.fetch_items(*pos, ids, augment)
         self.index += 1
         return pos, items
 
@@ -209,13 +206,7 @@ class SourceStream:
         pos, items = self.next_items(ids, augment)
         return chain(_pieces(items, self.source_idx, self.cfg.seq_len, pos))
 
-    def reset_prefetch(self) -> None:
-        for f in self.pending.values():
-            f.cancel()
-        self.pending.clear()
-
     def close(self) -> None:
-        self.pending.clear()
         for r in self._readers.values():
             r.close()
         self._readers.clear()
@@ -287,10 +278,11 @@ class TrainLoader:
         self.tokenizer = load_tokenizer(cfg, self.manifest)
         self.ids = SpecialIds.of(self.tokenizer)
         self.weights = cfg.normalized_weights()
-        # Worker threads decode and augment images ahead of use (PIL releases the GIL there).
-        self.pool = ThreadPoolExecutor(cfg.num_workers, thread_name_prefix="data") if cfg.num_workers > 0 else None
+        # Threads decode and augment a batch's images (PIL releases the GIL there).
+        self.pool = ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix="decode") \
+            if cfg.decode_threads > 0 else None
         self.streams: dict[int, SourceStream] = {
-            s: SourceStream(self.manifest, name, s, cfg, rank, world_size, self.pool)
+            s: SourceStream(self.manifest, name, s, cfg, rank, world_size)
             for s, name in enumerate(cfg.sources) if self.weights[s] > 0}
         self.packers = {s: BestFitPacker(cfg.seq_len, cfg.cut_min_tokens if cfg.sources[s] in cfg.cut_to_fit else 0)
                         for s in self.streams}
@@ -299,7 +291,7 @@ class TrainLoader:
         if self.fill_rows:
             f_idx = cfg.sources.index(cfg.fill_source)
             self.filler = TailFiller(SourceStream(self.manifest, cfg.fill_source, f_idx, cfg, rank, world_size,
-                                                  self.pool, stream_id=FILL_STREAM + f_idx), cfg.fill_min_tokens)
+                                                  stream_id=FILL_STREAM + f_idx), cfg.fill_min_tokens)
         self.mixture = MixtureSchedule(cfg.weights, world_size=world_size, rank=rank,
                                        micro_batch_size=micro_batch_size,
                                        grad_accum=global_batch_size // (world_size * micro_batch_size))
@@ -333,17 +325,31 @@ class TrainLoader:
     def __iter__(self):
         return self
 
-    def __next__(self) -> PackedBatch:
+    def plan_next(self) -> tuple[list[int], list[list[Piece]]]:
+        """The next micro-batch's row sources and rows, images undecoded; advances the state."""
         srcs = self.row_sources()
         rows = [self.next_row(s) for s in srcs]
-        self.last_keys = [[self.piece_key(p) for p in row] for row in rows]
         self.step += 1
-        batch = build_batch(rows, srcs, self.cfg.seq_len, self.ids, self.cfg.patch_dim)
+        return srcs, rows
+
+    def skip_next(self) -> None:
+        """Advance past the next batch without decoding it (what other workers build)."""
+        self.plan_next()
+
+    def __next__(self) -> PackedBatch:
+        srcs, rows = self.plan_next()
+        self.last_keys = [[self.piece_key(p) for p in row] for row in rows]
+        batch = self.build_rows(srcs, rows)
         self.last_stats = batch_stats(batch, self.cfg.sources, self.ids.pad)
         return batch
 
+    def build_rows(self, row_sources: list[int], rows: list[list[Piece]]) -> PackedBatch:
+        """Planned rows (from `next_row`/`plan_next`) -> a PackedBatch, their images decoded."""
+        rows = materialise_rows(rows, lambda ph: decode_image(ph, self.cfg), self.pool)
+        return build_batch(rows, row_sources, self.cfg.seq_len, self.ids, self.cfg.patch_dim)
+
     def close(self) -> None:
-        """Stop worker threads and close shard files (the loader is unusable afterwards)."""
+        """Stop decode threads and close shard files (the loader is unusable afterwards)."""
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
@@ -385,7 +391,6 @@ class TrainLoader:
         for s, st in self.streams.items():
             sd = d["streams"][self.cfg.sources[s]]
             st.epoch, st.index = int(sd["epoch"]), int(sd["index"])
-            st.reset_prefetch()
             packer = self.packers[s]
             packer.buffer = []
             cache: dict[tuple[int, int], list[Piece]] = {}
@@ -398,7 +403,6 @@ class TrainLoader:
             fd = d["filler"]
             fs = self.filler.stream
             fs.epoch, fs.index = int(fd["epoch"]), int(fd["index"])
-            fs.reset_prefetch()
             self.filler.load_state_dict(fd, self.ids, self.cfg.augment)
 
 
@@ -408,13 +412,20 @@ def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int, micro_bat
 
     global_batch_size (rows, = world x accumulation x micro-batch) lets the mixture be exact per
     optimizer step; None means no accumulation (global batch = world_size x micro_batch_size).
+    With cfg.num_workers > 0 the loader runs in worker processes (workers.py): same batches.
     """
+    kw = dict(rank=rank, world_size=world_size, micro_batch_size=micro_batch_size,
+              global_batch_size=global_batch_size)
     if cfg.format == "packed_rows":  # rows fixed offline by tools/pack_shards.py (row_loader.py)
-        from pretrain.data.offline.row_loader import build_row_loader
-        return build_row_loader(cfg, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size,
-                                global_batch_size=global_batch_size)
-    return TrainLoader(cfg, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size,
-                       global_batch_size=global_batch_size)
+        from pretrain.data.offline.row_loader import RowLoader
+        make = functools.partial(RowLoader, cfg, **kw)
+    else:
+        make = functools.partial(TrainLoader, cfg, **kw)
+    if cfg.num_workers == 0:
+        return make()
+    from pretrain.data.workers import ProcessLoader
+    cfg.validate()  # here, not first inside a worker
+    return ProcessLoader(make, cfg.num_workers)
 
 
 def build_eval_batches(cfg: DataConfig, source: str, *, rank: int, world_size: int,

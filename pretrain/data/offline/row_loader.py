@@ -23,7 +23,8 @@ generator, later passes append p (new crops when rows repeat).
 Mixture: the online `MixtureSchedule` (data/mixture.py), so the sources of the rows of every global
 batch are the online ones. Exact resume: the state is (pass, k) per source plus the schedule's
 state; a row's patches are a pure function of (row, pass, seed), so prefetching threads
-(`num_workers`) change nothing and have no state to save.
+(`decode_threads`) and worker processes (`num_workers`, data/workers.py) change nothing and have no
+state to save.
 """
 from __future__ import annotations
 
@@ -177,6 +178,14 @@ class RowStream:
         self.pass_, self.k = self._advance(*pos)
         return pieces, [p.key for p in row.pieces]
 
+    def skip_row(self) -> None:
+        """Advance past the next row without decoding it (a row another worker builds)."""
+        pos = (self.pass_, self.k)
+        f = self.pending.pop(pos, None)
+        if f is not None:
+            f.cancel()
+        self.pass_, self.k = self._advance(*pos)
+
     def reset_prefetch(self) -> None:
         for f in self.pending.values():
             f.cancel()
@@ -224,7 +233,8 @@ class RowLoader:
         self.schedule = MixtureSchedule(cfg.weights, world_size=world_size, rank=rank,
                                         micro_batch_size=micro_batch_size,
                                         grad_accum=global_batch_size // (world_size * micro_batch_size))
-        self.pool = ThreadPoolExecutor(cfg.num_workers, thread_name_prefix="rows") if cfg.num_workers > 0 else None
+        self.pool = ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix="rows") \
+            if cfg.decode_threads > 0 else None
         self.streams: dict[int, RowStream] = {
             s: RowStream(m, name, s, cfg, rank, world_size, self.pool)
             for s, name in enumerate(cfg.sources) if self.weights[s] > 0}
@@ -246,6 +256,12 @@ class RowLoader:
         batch = build_batch(rows, srcs, self.cfg.seq_len, self.ids, self.cfg.patch_dim)
         self.last_stats = batch_stats(batch, self.cfg.sources, self.ids.pad)
         return batch
+
+    def skip_next(self) -> None:
+        """Advance past the next batch without decoding it (what other worker processes build)."""
+        for s in self.schedule.next_micro_batch():
+            self.streams[s].skip_row()
+        self.step += 1
 
     def close(self) -> None:
         if self.pool is not None:
