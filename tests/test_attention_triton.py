@@ -49,7 +49,7 @@ def small_tiles():
     set_tile_config(None)
 
 
-# Head dims 16, 80 (padded to 128 inside the kernel) and 128; T not a multiple of 16.
+# Head dims 16, 80 (two chunks, 64 + 16) and 128; T not a multiple of 16.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("D", [16, 80, 128])
 def test_random_layouts(dtype, D):
@@ -71,6 +71,22 @@ def test_edge_layouts(dtype, T):
     # causal-only text, one bidirectional image filling the row.
     for n, (name, doc_BT, img_BT) in enumerate(edge_layouts(T)):
         check_against_reference(doc_BT, img_BT, H=1, D=16, dtype=dtype, seed=7 * T + n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("D", [48, 96, 112])
+def test_split_head_dims(dtype, D):
+    # Head dims that are not powers of two run as two power-of-two chunks (48 = 32 + 16,
+    # 96 = 64 + 32, 112 = 64 + 64 with the last 16 columns masked): a single token, a T that is
+    # not a multiple of the tile, images and one-token documents.
+    from kernels.attention_triton import head_dim_chunks, padded_head_dim
+    c = head_dim_chunks(D)
+    rest = D - c["BLOCK_D0"]
+    assert c["SPLIT_D"] and c["BLOCK_D0"] + c["BLOCK_D1"] >= D
+    assert padded_head_dim(D) == D or rest & (rest - 1), "a power-of-two remainder needs no padding"
+    for k, T in enumerate([1, 29]):
+        doc_BT, img_BT = random_layout(1, T, seed=50 * D + k)
+        check_against_reference(doc_BT, img_BT, H=1, D=D, dtype=dtype, seed=D + k)
 
 
 def test_many_tiny_documents_and_custom_scale():
@@ -146,8 +162,10 @@ def test_rejects_unsupported_head_dim():
 
 def test_kernels_compile_for_h100_without_a_gpu():
     # The interpreter never runs Triton's compiler; compile the default bf16 GPU configs for
-    # sm_90 (Dh = 128, the largest tiles in shared memory) ahead of time (no GPU needed) so that a kernel that would not compile, or a tile
-    # config that does not fit in shared memory, fails here and not on the first GPU run.
+    # sm_90 ahead of time (no GPU needed), specialised as a real launch is (divisibility hints),
+    # so that a kernel that would not compile, or a tile config that does not fit in shared
+    # memory, fails here and not on the first GPU run. Dh = 128 has the largest tiles; 96 runs
+    # the two-chunk head dim.
     import glob
     import os
     import subprocess
@@ -159,11 +177,13 @@ def test_kernels_compile_for_h100_without_a_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-m", "kernels.attention_aot", "--arch", "90", "--head-dims", "128"], cwd=root, env=env,
+    res = subprocess.run([sys.executable, "-m", "kernels.attention_aot", "--arch", "90", "--head-dims", "96", "128"], cwd=root, env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     lines = [l for l in res.stdout.splitlines() if "shared" in l]
-    assert len(lines) == 3, res.stdout
+    assert len(lines) == 6, res.stdout
     for line in lines:
         shared = int(line.split("shared ")[1].split(" B")[0])
         assert shared <= 227 * 1024, line  # H100: 227 KiB of shared memory per block
+        assert int(line.split("hints ")[1].split(",")[0]) > 0, line  # compiled as launched
+        assert "ptxas error" not in line, line
