@@ -89,6 +89,42 @@ def _pick(vec_E, sel_E):
     return tl.sum(tl.where(sel_E, vec_E, 0), 0)
 
 
+@triton.jit
+def _virtual_row_block(pid, tokens_per_expert_ptr, M, N, E: tl.constexpr, E_POW2: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(n_live, expert, rows_m, mask_m, pid_n) of program `pid` of a grid over (virtual
+    row-block, column-block); programs with pid >= n_live are the surplus of the worst-case grid."""
+    # Which virtual row-block is this program's? Computed here, not on the host, so the grid only
+    # needs an upper bound and nothing is synchronised.
+    e_E, rows_E, row_end_E = _group_layout(tokens_per_expert_ptr, E, E_POW2)
+    blocks_E = (rows_E + BLOCK_M - 1) // BLOCK_M
+    block_end_E = tl.cumsum(blocks_E, 0)
+    num_pid_m = tl.sum(blocks_E, 0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    n_live = num_pid_m * num_pid_n
+
+    # GROUP_M swizzle over (virtual row-block, column-block): programs that run together reuse the
+    # same weight columns and the same rows of a from L2.
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.maximum(tl.minimum(num_pid_m - first_pid_m, GROUP_M), 1)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    # Expert = number of experts whose blocks all end at or before pid_m (empty experts own no
+    # block, so they are skipped naturally).
+    expert = tl.sum((block_end_E <= pid_m).to(tl.int32), 0)
+    sel_E = e_E == expert
+    block_start = _pick(block_end_E - blocks_E, sel_E)
+    row_end = _pick(row_end_E, sel_E)
+    row_start = row_end - _pick(rows_E, sel_E)
+    row_end = tl.minimum(row_end, M)  # memory safety if the counts sum past M (caller's bug)
+    rows_m = row_start + (pid_m - block_start) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = rows_m < row_end
+    return n_live, expert, rows_m, mask_m, pid_n
+
+
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit(do_not_specialize=["M"])
 def _grouped_mm_kernel(
@@ -103,38 +139,11 @@ def _grouped_mm_kernel(
 ):
     """c[rows of e, :] = a[rows of e, :] @ b[e] for a [M, K], b [E, K, N] (any strides), c [M, N]."""
     pid = tl.program_id(0)
-
-    # Which virtual row-block is this program's? Computed here, not on the host, so the grid only
-    # needs an upper bound and nothing is synchronised.
-    e_E, rows_E, row_end_E = _group_layout(tokens_per_expert_ptr, E, E_POW2)
-    blocks_E = (rows_E + BLOCK_M - 1) // BLOCK_M
-    block_end_E = tl.cumsum(blocks_E, 0)
-    num_pid_m = tl.sum(blocks_E, 0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    if pid >= num_pid_m * num_pid_n:
+    n_live, expert, rows_m, mask_m, pid_n = _virtual_row_block(
+        pid, tokens_per_expert_ptr, M, N, E, E_POW2, BLOCK_M, BLOCK_N, GROUP_M)
+    if pid >= n_live:
         return  # the grid is sized for the worst case; surplus programs leave at once
-
-    # GROUP_M swizzle over (virtual row-block, column-block): programs that run together reuse the
-    # same weight columns and the same rows of a from L2.
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
-    # Expert = number of experts whose blocks all end at or before pid_m (empty experts own no
-    # block, so they are skipped naturally).
-    expert = tl.sum((block_end_E <= pid_m).to(tl.int32), 0)
-    sel_E = e_E == expert
-    block_start = _pick(block_end_E - blocks_E, sel_E)
-    row_end = _pick(row_end_E, sel_E)
-    row_start = row_end - _pick(rows_E, sel_E)
-    row_end = tl.minimum(row_end, M)  # memory safety if the counts sum past M (caller's bug)
-
-    rows_m = row_start + (pid_m - block_start) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = rows_m < row_end
     mask_n = cols_n < N
     offs_k = tl.arange(0, BLOCK_K)
 
@@ -408,6 +417,30 @@ def grouped_gemm_reference(x_MK: torch.Tensor, w_EKN: torch.Tensor,
 # Dispatch
 # ──────────────────────────────────────────────────────────────────────────────────────────────
 
+def check_grouped_args(x_MK: torch.Tensor, w_EKN: torch.Tensor, tokens_per_expert_E: torch.Tensor,
+                       backend: str) -> None:
+    """Clear errors for arguments no backend can run (shapes, dtypes, devices)."""
+    if x_MK.dim() != 2 or w_EKN.dim() != 3 or tokens_per_expert_E.dim() != 1:
+        raise ValueError(f"expected x [M, K], w [E, K, N], counts [E]; got {tuple(x_MK.shape)}, "
+                         f"{tuple(w_EKN.shape)}, {tuple(tokens_per_expert_E.shape)}")
+    if x_MK.shape[1] != w_EKN.shape[1] or tokens_per_expert_E.shape[0] != w_EKN.shape[0]:
+        raise ValueError(f"shape mismatch: x {tuple(x_MK.shape)}, w {tuple(w_EKN.shape)}, "
+                         f"counts {tuple(tokens_per_expert_E.shape)}")
+    if x_MK.dtype != w_EKN.dtype:
+        raise ValueError(f"x and w must share a dtype, got {x_MK.dtype} and {w_EKN.dtype}")
+    if tokens_per_expert_E.dtype.is_floating_point or tokens_per_expert_E.dtype == torch.bool:
+        raise ValueError(f"tokens_per_expert_E must be an integer tensor, got {tokens_per_expert_E.dtype}")
+    if backend == "triton":
+        if x_MK.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"backend='triton' supports fp32/fp16/bf16, got {x_MK.dtype}")
+        if not x_MK.is_cuda and not _INTERPRET:
+            raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set "
+                               "before importing kernels.grouped_gemm, for CPU tests); "
+                               "use backend='reference' on CPU.")
+        if w_EKN.device != x_MK.device:
+            raise ValueError(f"x on {x_MK.device} but w on {w_EKN.device}")
+
+
 def grouped_gemm(x_MK: torch.Tensor, w_EKN: torch.Tensor, tokens_per_expert_E: torch.Tensor,
                  backend: str = "reference") -> torch.Tensor:
     """Grouped GEMM: ``y_MN[rows of e] = x_MK[rows of e] @ w_EKN[e]``, differentiable in x and w.
@@ -434,30 +467,12 @@ def grouped_gemm(x_MK: torch.Tensor, w_EKN: torch.Tensor, tokens_per_expert_E: t
 
     Returns ``y_MN`` [M, N].
     """
-    if x_MK.dim() != 2 or w_EKN.dim() != 3 or tokens_per_expert_E.dim() != 1:
-        raise ValueError(f"expected x [M, K], w [E, K, N], counts [E]; got {tuple(x_MK.shape)}, "
-                         f"{tuple(w_EKN.shape)}, {tuple(tokens_per_expert_E.shape)}")
-    if x_MK.shape[1] != w_EKN.shape[1] or tokens_per_expert_E.shape[0] != w_EKN.shape[0]:
-        raise ValueError(f"shape mismatch: x {tuple(x_MK.shape)}, w {tuple(w_EKN.shape)}, "
-                         f"counts {tuple(tokens_per_expert_E.shape)}")
-    if x_MK.dtype != w_EKN.dtype:
-        raise ValueError(f"x and w must share a dtype, got {x_MK.dtype} and {w_EKN.dtype}")
-    if tokens_per_expert_E.dtype.is_floating_point or tokens_per_expert_E.dtype == torch.bool:
-        raise ValueError(f"tokens_per_expert_E must be an integer tensor, got {tokens_per_expert_E.dtype}")
-
+    check_grouped_args(x_MK, w_EKN, tokens_per_expert_E, backend)
     if backend == "reference":
         return grouped_gemm_reference(x_MK, w_EKN, tokens_per_expert_E)
     if backend == "torch":
         return _torch_grouped_mm(x_MK, w_EKN, tokens_per_expert_E)
     if backend == "triton":
-        if x_MK.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"backend='triton' supports fp32/fp16/bf16, got {x_MK.dtype}")
-        if not x_MK.is_cuda and not _INTERPRET:
-            raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set "
-                               "before importing kernels.grouped_gemm, for CPU tests); "
-                               "use backend='reference' on CPU.")
-        if w_EKN.device != x_MK.device:
-            raise ValueError(f"x on {x_MK.device} but w on {w_EKN.device}")
         tokens_per_expert_E = tokens_per_expert_E.to(x_MK.device, non_blocking=True)
         return GroupedGemmFunction.apply(x_MK, w_EKN, tokens_per_expert_E)
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")

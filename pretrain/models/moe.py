@@ -10,7 +10,7 @@ token-expert assignments:
     sort the N assignments by expert (stable argsort: deterministic, no atomics)
     gather rows into expert order, tokens_per_expert_E = count_ids(expert_ids_N, E)
     [expert parallelism: counts, then rows, exchanged by all_to_all_single; see moe_dispatch.py]
-    h = silu(x W1_e) * (x W3_e);  y = h W2_e          (grouped GEMMs, kernels/grouped_gemm.py)
+    h = silu(x W1_e) * (x W3_e);  y = h W2_e          (kernels/grouped_swiglu.py, grouped_gemm.py)
     un-permute, scale each row by its router probability, sum the k rows of each token
 
 Decisions, written down:
@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.grouped_gemm import grouped_gemm
+from kernels.grouped_swiglu import grouped_swiglu
 from pretrain.models.config import ModelConfig, MoEConfig
 from pretrain.models.layers import SwiGLU
 
@@ -100,9 +101,10 @@ class GroupedExperts(nn.Module):
             p.expert_init = True  # layers.init_weights leaves these to MoEFFN.reset_expert_parameters
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        gg = lambda x, w: grouped_gemm(x, w, tokens_per_expert_E, backend=self.backend)  # noqa: E731
-        h_NH = F.silu(gg(x_ND, self.w1_EDH)) * gg(x_ND, self.w3_EDH)
-        return gg(h_NH, self.w2_EHD)
+        # backend "triton": w1 and w3 in one fused kernel (one read of x, SwiGLU in its epilogue)
+        # reading the two parameters as they are; other backends compose two grouped GEMMs.
+        h_NH = grouped_swiglu(x_ND, self.w1_EDH, self.w3_EDH, tokens_per_expert_E, backend=self.backend)
+        return grouped_gemm(h_NH, self.w2_EHD, tokens_per_expert_E, backend=self.backend)
 
 
 class MoEFFN(nn.Module):
