@@ -197,12 +197,15 @@ class MoEFFN(nn.Module):
         order_N = torch.argsort(expert_ids_N, stable=True)
         token_of_N = order_N // k  # source token of each sorted row
         tokens_per_expert_E = count_ids(expert_ids_N, E)
+        if self.ep_size > 1:
+            from pretrain.models.moe_dispatch import SplitSizes, expert_parallel_apply
+            # Start the count exchange first: the host waits for the split sizes only after the
+            # row gather below is queued (moe_dispatch.py: the layer's one host sync).
+            splits = SplitSizes(tokens_per_expert_E, self.expert_group, self.ep_size)
         x_sorted_ND = x_TD.index_select(0, token_of_N)
 
         if self.ep_size > 1:
-            from pretrain.models.moe_dispatch import expert_parallel_apply
-            y_sorted_ND = expert_parallel_apply(self.experts, x_sorted_ND, tokens_per_expert_E,
-                                                self.expert_group, self.ep_size)
+            y_sorted_ND = expert_parallel_apply(self.experts, x_sorted_ND, splits, self.expert_group)
         else:
             y_sorted_ND = self.experts(x_sorted_ND, tokens_per_expert_E)
 
