@@ -233,10 +233,12 @@ def run_case(args, source, T, D, timer, device, dtype) -> list[dict]:
                 after = dynamo_counts()
                 row.update(flex_frames_during_timing=after["frames"] - compiled["frames"],
                            flex_limit_hits=after["limit_hits"] - before["limit_hits"])
+                state = (f"{compiled['graphs']} graphs compiled, {row['flex_frames_during_timing']} frames "
+                         f"compiled while timed, {row['flex_limit_hits']} recompile-limit hits")
                 if after["frames"] != compiled["frames"] or row["flex_limit_hits"] or not compiled["graphs"]:
-                    row["check"] = (f"FAIL flex not a compiled steady state: {compiled['graphs']} graphs, "
-                                    f"{row['flex_frames_during_timing']} frames compiled while timed, "
-                                    f"{row['flex_limit_hits']} limit hits")
+                    row["check"] = f"FAIL flex not a compiled steady state: {state}"
+                elif row["check"] == "ok":
+                    row["check"] = f"ok (flex: {state})"
             row.update(fwd_ms=fwd, fwd_bwd_ms=fb, fwd_tflops=fwd_flops / fwd / 1e9,
                        fwd_bwd_tflops=3.5 * fwd_flops / fb / 1e9)
         except Exception as e:  # a backend failing must not hide the others' numbers
