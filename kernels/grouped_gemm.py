@@ -92,7 +92,7 @@ def _pick(vec_E, sel_E):
 @triton.jit
 def _virtual_row_block(pid, tokens_per_expert_ptr, M, N, E: tl.constexpr, E_POW2: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(n_live, expert, rows_m, mask_m, pid_n) of program `pid` of a grid over (virtual
+    """(n_live, expert, rows_m, mask_m, cols_n, mask_n) of program `pid` of a grid over (virtual
     row-block, column-block); programs with pid >= n_live are the surplus of the worst-case grid."""
     # Which virtual row-block is this program's? Computed here, not on the host, so the grid only
     # needs an upper bound and nothing is synchronised.
@@ -122,7 +122,30 @@ def _virtual_row_block(pid, tokens_per_expert_ptr, M, N, E: tl.constexpr, E_POW2
     row_end = tl.minimum(row_end, M)  # memory safety if the counts sum past M (caller's bug)
     rows_m = row_start + (pid_m - block_start) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = rows_m < row_end
-    return n_live, expert, rows_m, mask_m, pid_n
+    cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return n_live, expert, rows_m, mask_m, cols_n, cols_n < N
+
+
+@triton.jit
+def _accumulate_k(acc, a_ptrs, b_ptrs, mask_m, mask_n, offs_k, K, stride_ak, stride_bk,
+                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr):
+    """acc += a[rows, :K] @ b[:K, cols], walking K in BLOCK_K steps from the given tile pointers."""
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+        if UPCAST:  # the CPU interpreter's bf16 tl.dot is wrong; fp32 there is exact enough
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
 
 
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
@@ -139,12 +162,10 @@ def _grouped_mm_kernel(
 ):
     """c[rows of e, :] = a[rows of e, :] @ b[e] for a [M, K], b [E, K, N] (any strides), c [M, N]."""
     pid = tl.program_id(0)
-    n_live, expert, rows_m, mask_m, pid_n = _virtual_row_block(
+    n_live, expert, rows_m, mask_m, cols_n, mask_n = _virtual_row_block(
         pid, tokens_per_expert_ptr, M, N, E, E_POW2, BLOCK_M, BLOCK_N, GROUP_M)
     if pid >= n_live:
         return  # the grid is sized for the worst case; surplus programs leave at once
-    cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = cols_n < N
     offs_k = tl.arange(0, BLOCK_K)
 
     # int64 row and expert offsets: M*K and E*K*N can exceed 2**31 at the largest presets.
@@ -153,38 +174,17 @@ def _grouped_mm_kernel(
               + offs_k[:, None] * stride_bk + cols_n[None, :] * stride_bn)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
-        else:
-            k_left = K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-            b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        if UPCAST:  # the CPU interpreter's bf16 tl.dot is wrong; fp32 there is exact enough
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    acc = _accumulate_k(acc, a_ptrs, b_ptrs, mask_m, mask_n, offs_k, K, stride_ak, stride_bk,
+                        BLOCK_K, EVEN_K, UPCAST, INPUT_PRECISION)
 
     c_ptrs = c_ptr + rows_m.to(tl.int64)[:, None] * stride_cm + cols_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit(do_not_specialize=["M"])
-def _grouped_mm_dw_kernel(
-    x_ptr, dy_ptr, dw_ptr, tokens_per_expert_ptr,
-    M, N, K,
-    stride_xm, stride_xk,
-    stride_dym, stride_dyn,
-    stride_dwe, stride_dwk, stride_dwn,
-    E: tl.constexpr, E_POW2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):
-    """dw[e] = x[rows of e].T @ dy[rows of e] for x [M, K], dy [M, N], dw [E, K, N]."""
-    pid = tl.program_id(0)
+@triton.jit
+def _dw_tile(pid, tokens_per_expert_ptr, M, N, K, E: tl.constexpr, E_POW2: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(expert, row_start, row_end, offs_k, offs_n, mask_k, mask_n) of weight-gradient program pid."""
     num_pid_k = tl.cdiv(K, BLOCK_K)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     tiles_per_expert = num_pid_k * num_pid_n
@@ -213,17 +213,42 @@ def _grouped_mm_dw_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_k = offs_k < K
     mask_n = offs_n < N
+    return expert, row_start, row_end, offs_k, offs_n, mask_k, mask_n
+
+
+@triton.jit
+def _load_rows_t(x_ptr, m0, offs_m, row_end, offs_k, mask_k, stride_xm, stride_xk):
+    """x[m0 : m0 + BLOCK_M (< row_end), K-tile] transposed ([BLOCK_K, BLOCK_M]), its int64 row
+    indices and row mask."""
+    rows = m0 + offs_m
+    mask_m = rows < row_end
+    rows64 = rows.to(tl.int64)
+    xt = tl.load(x_ptr + rows64[None, :] * stride_xm + offs_k[:, None] * stride_xk,
+                 mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+    return xt, rows64, mask_m
+
+
+@triton.jit(do_not_specialize=["M"])
+def _grouped_mm_dw_kernel(
+    x_ptr, dy_ptr, dw_ptr, tokens_per_expert_ptr,
+    M, N, K,
+    stride_xm, stride_xk,
+    stride_dym, stride_dyn,
+    stride_dwe, stride_dwk, stride_dwn,
+    E: tl.constexpr, E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """dw[e] = x[rows of e].T @ dy[rows of e] for x [M, K], dy [M, N], dw [E, K, N]."""
+    expert, row_start, row_end, offs_k, offs_n, mask_k, mask_n = _dw_tile(
+        tl.program_id(0), tokens_per_expert_ptr, M, N, K, E, E_POW2, BLOCK_N, BLOCK_K)
     offs_m = tl.arange(0, BLOCK_M)
 
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     # Data-dependent trip count read from device memory: zero iterations for an empty expert,
     # which then stores exact zeros.
     for m0 in range(row_start, row_end, BLOCK_M):
-        rows = m0 + offs_m
-        mask_m = rows < row_end
-        rows64 = rows.to(tl.int64)
-        xt = tl.load(x_ptr + rows64[None, :] * stride_xm + offs_k[:, None] * stride_xk,
-                     mask=mask_k[:, None] & mask_m[None, :], other=0.0)      # [BLOCK_K, BLOCK_M]
+        xt, rows64, mask_m = _load_rows_t(x_ptr, m0, offs_m, row_end, offs_k, mask_k, stride_xm, stride_xk)
         dy = tl.load(dy_ptr + rows64[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)      # [BLOCK_M, BLOCK_N]
         if UPCAST:
@@ -289,6 +314,31 @@ def _upcast(dtype: torch.dtype) -> bool:
     return _INTERPRET and dtype == torch.bfloat16
 
 
+def launch_meta(E: int, dtype: torch.dtype) -> dict:
+    """The constexprs every grouped kernel takes besides its tiles."""
+    return dict(E=E, E_POW2=triton.next_power_of_2(E), UPCAST=_upcast(dtype), INPUT_PRECISION=_input_precision(dtype))
+
+
+def row_block_grid(M: int, N: int, E: int):
+    """grid(meta) over (virtual row-block, column-block): an upper bound on the row-blocks from
+    shapes alone (each group adds at most one partial block), so no device->host read."""
+    return lambda meta: ((triton.cdiv(M, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+
+def dw_grid(E: int, K: int, N: int):
+    """grid(meta) of a weight-gradient kernel: one program per (expert, K-tile, N-tile)."""
+    return lambda meta: (E * triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+
+def launch(kernel, tuned, grid, args, meta: dict, group_m: bool = True) -> None:
+    """Run `tuned` (autotuned) on a GPU, or `kernel` with the fixed small tile under the interpreter."""
+    if _INTERPRET:
+        fixed = dict(_INTERPRET_META, GROUP_M=4) if group_m else _INTERPRET_META
+        kernel[grid(fixed)](*args, **meta, **fixed)
+    else:
+        tuned[grid](*args, **meta)
+
+
 def _launch_grouped_mm(a_MK: torch.Tensor, b_EKN: torch.Tensor,
                        tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
     """c_MN = grouped a_MK @ b_EKN; b may be any strided view (dX passes w transposed)."""
@@ -303,18 +353,7 @@ def _launch_grouped_mm(a_MK: torch.Tensor, b_EKN: torch.Tensor,
             a_MK.stride(0), a_MK.stride(1),
             b_EKN.stride(0), b_EKN.stride(1), b_EKN.stride(2),
             c_MN.stride(0), c_MN.stride(1))
-    common = dict(E=E, E_POW2=triton.next_power_of_2(E), UPCAST=_upcast(a_MK.dtype),
-                  INPUT_PRECISION=_input_precision(a_MK.dtype))
-
-    def grid(meta):
-        # Upper bound on virtual row-blocks from shapes alone: no device->host read.
-        return ((triton.cdiv(M, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-    if _INTERPRET:
-        meta = dict(_INTERPRET_META, GROUP_M=4)
-        _grouped_mm_kernel[grid(meta)](*args, **common, **meta)
-    else:
-        _fwd_kernel_tuned[grid](*args, **common)
+    launch(_grouped_mm_kernel, _fwd_kernel_tuned, row_block_grid(M, N, E), args, launch_meta(E, a_MK.dtype))
     return c_MN
 
 
@@ -332,16 +371,8 @@ def _launch_grouped_mm_dw(x_MK: torch.Tensor, dy_MN: torch.Tensor, tokens_per_ex
     args = (x_MK, dy_MN, dw_EKN, tokens_per_expert_E, M, N, K,
             x_MK.stride(0), x_MK.stride(1), dy_MN.stride(0), dy_MN.stride(1),
             dw_EKN.stride(0), dw_EKN.stride(1), dw_EKN.stride(2))
-    common = dict(E=E, E_POW2=triton.next_power_of_2(E), UPCAST=_upcast(x_MK.dtype),
-                  INPUT_PRECISION=_input_precision(x_MK.dtype))
-
-    def grid(meta):
-        return (E * triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-    if _INTERPRET:
-        _grouped_mm_dw_kernel[grid(_INTERPRET_META)](*args, **common, **_INTERPRET_META)
-    else:
-        _dw_kernel_tuned[grid](*args, **common)
+    launch(_grouped_mm_dw_kernel, _dw_kernel_tuned, dw_grid(E, K, N), args, launch_meta(E, x_MK.dtype),
+           group_m=False)
     return dw_EKN
 
 

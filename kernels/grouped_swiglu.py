@@ -11,9 +11,9 @@ MoE's parameters (``w1_EDH``, ``w3_EDH``) and its ``state_dict()`` are unchanged
 
 Backward (:class:`GroupedSwiGLUFunction`): the forward also stores ``a`` and ``b`` (rounded to the
 compute dtype, as the unfused path saves them) when a gradient is needed; then
-``dA = dh · b · silu'(a)``, ``dB = dh · silu(a)`` (fp32 element-wise), ``dX = dA @ w1ᵀ + dB @ w3ᵀ``
-and ``dW1 = xᵀ dA``, ``dW3 = xᵀ dB`` per expert with the grouped GEMM's own kernels (no host sync).
-The backward still reads ``x`` once per weight gradient.
+``dA = dh · b · silu'(a)``, ``dB = dh · silu(a)`` (fp32 element-wise, PyTorch), and two kernels:
+``dX = dA @ w1ᵀ + dB @ w3ᵀ`` in one accumulator (no second [M, D] output to add), and
+``dW1 = xᵀ dA``, ``dW3 = xᵀ dB`` per expert from one read of each ``x`` tile. No host sync.
 
 Rows, groups and the grid follow kernels/grouped_gemm.py (rows sorted by expert, counts on the
 device, a worst-case grid of virtual row-blocks, empty experts own no block).
@@ -54,12 +54,10 @@ def _grouped_swiglu_kernel(
     """h = silu(x @ w1[e]) * (x @ w3[e]) per expert group; w1, w3 share strides; a, b (the two
     products) are stored too when STORE_AB (they share h's strides)."""
     pid = tl.program_id(0)
-    n_live, expert, rows_m, mask_m, pid_n = gg._virtual_row_block(
+    n_live, expert, rows_m, mask_m, cols_n, mask_n = gg._virtual_row_block(
         pid, tokens_per_expert_ptr, M, N, E, E_POW2, BLOCK_M, BLOCK_N, GROUP_M)
     if pid >= n_live:
         return
-    cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = cols_n < N
     offs_k = tl.arange(0, BLOCK_K)
 
     x_ptrs = x_ptr + rows_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
@@ -103,6 +101,74 @@ def _grouped_swiglu_kernel(
         tl.store(b_ptr + out_off, b, mask=out_mask)
 
 
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit(do_not_specialize=["M"])
+def _grouped_swiglu_dx_kernel(
+    da_ptr, db_ptr, w1_ptr, w3_ptr, dx_ptr, tokens_per_expert_ptr,
+    M, N, K,
+    stride_gm, stride_gk,
+    stride_we, stride_wk, stride_wn,
+    stride_cm, stride_cn,
+    E: tl.constexpr, E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """dx = dA @ w1[e]^T + dB @ w3[e]^T in one accumulator: dA, dB [M, K=H] share strides; w1, w3
+    come as transposed views [E, K=H, N=D] sharing strides; dx [M, N]."""
+    pid = tl.program_id(0)
+    n_live, expert, rows_m, mask_m, cols_n, mask_n = gg._virtual_row_block(
+        pid, tokens_per_expert_ptr, M, N, E, E_POW2, BLOCK_M, BLOCK_N, GROUP_M)
+    if pid >= n_live:
+        return
+    offs_k = tl.arange(0, BLOCK_K)
+    g_off = rows_m.to(tl.int64)[:, None] * stride_gm + offs_k[None, :] * stride_gk
+    w_off = expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + cols_n[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = gg._accumulate_k(acc, da_ptr + g_off, w1_ptr + w_off, mask_m, mask_n, offs_k, K, stride_gk,
+                           stride_wk, BLOCK_K, EVEN_K, UPCAST, INPUT_PRECISION)
+    acc = gg._accumulate_k(acc, db_ptr + g_off, w3_ptr + w_off, mask_m, mask_n, offs_k, K, stride_gk,
+                           stride_wk, BLOCK_K, EVEN_K, UPCAST, INPUT_PRECISION)
+    c_ptrs = dx_ptr + rows_m.to(tl.int64)[:, None] * stride_cm + cols_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit(do_not_specialize=["M"])
+def _grouped_swiglu_dw_kernel(
+    x_ptr, da_ptr, db_ptr, dw1_ptr, dw3_ptr, tokens_per_expert_ptr,
+    M, N, K,
+    stride_xm, stride_xk,
+    stride_gm, stride_gn,
+    stride_dwe, stride_dwk, stride_dwn,
+    E: tl.constexpr, E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """dw1[e] = x[rows of e]^T dA[rows of e] and dw3[e] = x^T dB from one read of each x tile;
+    x [M, K=D], dA and dB [M, N=H] sharing strides, dw1 and dw3 [E, K, N] sharing strides."""
+    expert, row_start, row_end, offs_k, offs_n, mask_k, mask_n = gg._dw_tile(
+        tl.program_id(0), tokens_per_expert_ptr, M, N, K, E, E_POW2, BLOCK_N, BLOCK_K)
+    offs_m = tl.arange(0, BLOCK_M)
+    acc1 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    # Zero iterations for an empty expert, which then stores exact zeros.
+    for m0 in range(row_start, row_end, BLOCK_M):
+        xt, rows64, mask_m = gg._load_rows_t(x_ptr, m0, offs_m, row_end, offs_k, mask_k, stride_xm, stride_xk)
+        g_off = rows64[:, None] * stride_gm + offs_n[None, :] * stride_gn
+        g_mask = mask_m[:, None] & mask_n[None, :]
+        da = tl.load(da_ptr + g_off, mask=g_mask, other=0.0)                 # [BLOCK_M, BLOCK_N]
+        db = tl.load(db_ptr + g_off, mask=g_mask, other=0.0)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+            da = da.to(tl.float32)
+            db = db.to(tl.float32)
+        acc1 = tl.dot(xt, da, acc1, input_precision=INPUT_PRECISION)
+        acc3 = tl.dot(xt, db, acc3, input_precision=INPUT_PRECISION)
+    dw_off = expert.to(tl.int64) * stride_dwe + offs_k[:, None] * stride_dwk + offs_n[None, :] * stride_dwn
+    dw_mask = mask_k[:, None] & mask_n[None, :]
+    tl.store(dw1_ptr + dw_off, acc1.to(dw1_ptr.dtype.element_ty), mask=dw_mask)
+    tl.store(dw3_ptr + dw_off, acc3.to(dw3_ptr.dtype.element_ty), mask=dw_mask)
+
+
 def _configs():
     # Two fp32 accumulators per program: at most 128x128 output tiles (the grouped GEMM's 128x256
     # would double the accumulator registers). Not tuned on a GPU yet.
@@ -114,6 +180,13 @@ def _configs():
 
 
 _kernel_tuned = triton.autotune(configs=_configs(), key=["N", "K"])(_grouped_swiglu_kernel)
+# dX has one accumulator: the grouped GEMM's own configs. dW has two: the grouped GEMM's dW
+# configs whose two fp32 accumulators fit in 128 registers per thread (compiled for sm_90,
+# 64x128x128 with 8 warps uses 173 registers and does not spill; with 4 warps it spills 1,104 B).
+_dx_kernel_tuned = triton.autotune(configs=gg._fwd_configs(), key=["N", "K"])(_grouped_swiglu_dx_kernel)
+_dw_kernel_tuned = triton.autotune(
+    configs=[c for c in gg._dw_configs() if 2 * c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"] <= 128 * 32 * c.num_warps],
+    key=["N", "K"])(_grouped_swiglu_dw_kernel)
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
@@ -136,17 +209,8 @@ def _launch(x_MK, w1_EKN, w3_EKN, tokens_per_expert_E, store_ab: bool):
     args = (x_MK, w1_EKN, w3_EKN, h_MN, a_MN if store_ab else h_MN, b_MN if store_ab else h_MN,
             tokens_per_expert_E, M, N, K, x_MK.stride(0), x_MK.stride(1),
             w1_EKN.stride(0), w1_EKN.stride(1), w1_EKN.stride(2), h_MN.stride(0), h_MN.stride(1))
-    common = dict(E=E, E_POW2=triton.next_power_of_2(E), STORE_AB=store_ab,
-                  UPCAST=gg._upcast(x_MK.dtype), INPUT_PRECISION=gg._input_precision(x_MK.dtype))
-
-    def grid(meta):
-        return ((triton.cdiv(M, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-    if gg._INTERPRET:
-        meta = dict(gg._INTERPRET_META, GROUP_M=4)
-        _grouped_swiglu_kernel[grid(meta)](*args, **common, **meta)
-    else:
-        _kernel_tuned[grid](*args, **common)
+    gg.launch(_grouped_swiglu_kernel, _kernel_tuned, gg.row_block_grid(M, N, E), args,
+              dict(gg.launch_meta(E, x_MK.dtype), STORE_AB=store_ab))
     return h_MN, a_MN, b_MN
 
 
@@ -158,6 +222,43 @@ def swiglu_backward(dh_MN, a_MN, b_MN):
     dA = dh * b * (sig + silu * (1.0 - sig))
     dB = dh * silu
     return dA.to(a_MN.dtype), dB.to(a_MN.dtype)
+
+
+def _launch_dx(dA_MH, dB_MH, w1_EDH, w3_EDH, tokens_per_expert_E):
+    """dx_MD = dA @ w1[e]^T + dB @ w3[e]^T (one launch, one accumulator)."""
+    M, H = dA_MH.shape
+    E, D, _ = w1_EDH.shape
+    dx_MD = torch.empty((M, D), dtype=dA_MH.dtype, device=dA_MH.device)
+    if M == 0 or D == 0:
+        return dx_MD
+    if H == 0:
+        return dx_MD.zero_()
+    w1t, w3t = w1_EDH.transpose(1, 2), w3_EDH.transpose(1, 2)  # [E, H, D] views, no copy
+    if w1t.stride() != w3t.stride():
+        w1t, w3t = w1t.contiguous(), w3t.contiguous()
+    args = (dA_MH, dB_MH, w1t, w3t, dx_MD, tokens_per_expert_E, M, D, H, dA_MH.stride(0), dA_MH.stride(1),
+            w1t.stride(0), w1t.stride(1), w1t.stride(2), dx_MD.stride(0), dx_MD.stride(1))
+    gg.launch(_grouped_swiglu_dx_kernel, _dx_kernel_tuned, gg.row_block_grid(M, D, E), args,
+              gg.launch_meta(E, dA_MH.dtype))
+    return dx_MD
+
+
+def _launch_dw(x_MD, dA_MH, dB_MH, tokens_per_expert_E, num_experts: int, dtype: torch.dtype):
+    """(dw1, dw3) [E, D, H] from one read of x; zero for empty experts."""
+    M, D = x_MD.shape
+    H = dA_MH.shape[1]
+    E = num_experts
+    dw1 = torch.empty((E, D, H), dtype=dtype, device=x_MD.device)
+    dw3 = torch.empty_like(dw1)
+    if E == 0 or D == 0 or H == 0:
+        return dw1, dw3
+    if M == 0:
+        return dw1.zero_(), dw3.zero_()
+    args = (x_MD, dA_MH, dB_MH, dw1, dw3, tokens_per_expert_E, M, H, D, x_MD.stride(0), x_MD.stride(1),
+            dA_MH.stride(0), dA_MH.stride(1), dw1.stride(0), dw1.stride(1), dw1.stride(2))
+    gg.launch(_grouped_swiglu_dw_kernel, _dw_kernel_tuned, gg.dw_grid(E, D, H), args,
+              gg.launch_meta(E, x_MD.dtype), group_m=False)
+    return dw1, dw3
 
 
 class GroupedSwiGLUFunction(torch.autograd.Function):
@@ -177,14 +278,10 @@ class GroupedSwiGLUFunction(torch.autograd.Function):
         dA_MN, dB_MN = swiglu_backward(dh_MN, a_MN, b_MN)
         dx = dw1 = dw3 = None
         if ctx.needs_input_grad[0]:
-            dx = gg._launch_grouped_mm(dA_MN, w1_EKN.transpose(1, 2), counts_E)
-            dx += gg._launch_grouped_mm(dB_MN, w3_EKN.transpose(1, 2), counts_E)
-        E = w1_EKN.shape[0]
-        if ctx.needs_input_grad[1]:
-            dw1 = gg._launch_grouped_mm_dw(x_MK, dA_MN, counts_E, E, w1_EKN.dtype)
-        if ctx.needs_input_grad[2]:
-            dw3 = gg._launch_grouped_mm_dw(x_MK, dB_MN, counts_E, E, w3_EKN.dtype)
-        return dx, dw1, dw3, None
+            dx = _launch_dx(dA_MN, dB_MN, w1_EKN, w3_EKN, counts_E)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            dw1, dw3 = _launch_dw(x_MK, dA_MN, dB_MN, counts_E, w1_EKN.shape[0], w1_EKN.dtype)
+        return dx, dw1 if ctx.needs_input_grad[1] else None, dw3 if ctx.needs_input_grad[2] else None, None
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
