@@ -27,7 +27,7 @@ def _scaled(fn, index, factor):
 
 
 def test_bench_moe_smoke_checks_pass_and_catch_a_wrong_dw(monkeypatch, capsys):
-    assert bench_moe.main(["--smoke", "--routing", "empty", "--gemms", "down", "swiglu"]) == 0
+    assert bench_moe.main(["--smoke", "--routing", "empty", "--gemms", "swiglu"]) == 0
     out = capsys.readouterr().out
     assert "0 failed checks" in out and "| swiglu |" in out and "ours fused swiglu" in out
 
