@@ -86,10 +86,15 @@ def test_killed_worker_is_named_not_a_hang(tiny_demo):
     loader = build_train_loader(_cfg(tiny_demo, num_workers=2), **KW)
     next(loader)
     victim = loader._dl_iter._workers[1]
-    os.kill(victim.pid, signal.SIGKILL)
     t0 = time.monotonic()
-    with pytest.raises(DataWorkerError, match=rf"worker 1 of 2 \(pid {victim.pid}"):
+    # Two ways the death surfaces, both naming the worker's pid: our DataWorkerError (the next
+    # batch cannot arrive), or torch's SIGCHLD handler, which raises RuntimeError("DataLoader
+    # worker (pid N) is killed by signal") in the training thread wherever it is at that moment.
+    with pytest.raises(RuntimeError, match=rf"worker.*pid\D*{victim.pid}") as err:
+        os.kill(victim.pid, signal.SIGKILL)
         for _ in range(50):  # batches already prefetched may still arrive first
             next(loader)
+    if isinstance(err.value, DataWorkerError):
+        assert f"worker 1 of 2 (pid {victim.pid}" in str(err.value)
     assert time.monotonic() - t0 < 60  # DataLoader's liveness check, not a hang
     loader.close()
