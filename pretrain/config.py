@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from pretrain.config_checks import CheckError, check_environment, check_values
 from pretrain.data.config import DataConfig
 from pretrain.models.config import ModelConfig
 
@@ -63,6 +64,7 @@ class TrainSection:
     save_every: int = 200  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2  # newest complete checkpoints kept in the run directory
     stop_after_steps: int = 0  # >0: stop this process after that many steps (simulated interruption)
+    max_skipped_steps: int = 10  # this many consecutive non-finite steps (skipped) stop the run
     image_probe: bool = False  # demo only: colour/shape accuracy on held-out captions at the end
     probe_examples: int = 256  # held-out captions used by the image probe
 
@@ -132,6 +134,17 @@ class RunConfig:
             except ValueError as e:
                 msg = str(e).replace("DataConfig.", "data.").replace("ModelConfig.", "model.")
                 raise ConfigError(msg if msg.startswith(prefix + ".") else f"{prefix}.{msg}") from None
+        try:
+            check_values(self)
+        except CheckError as e:
+            raise ConfigError(str(e)) from None
+
+    def check_environment(self) -> None:
+        """The data directory, sources and tokenizer exist and fit the model (reads files)."""
+        try:
+            check_environment(self)
+        except CheckError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -287,10 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.add_argument("--world-size", type=int, default=None, help="data-parallel ranks, to check batch sizes")
     p.add_argument("--print", action="store_true", help="print the resolved config")
+    p.add_argument("--skip-files", action="store_true",
+                   help="check values only, not the data directory and tokenizer")
     args = p.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         cfg.validate(args.world_size)
+        if not args.skip_files:
+            cfg.check_environment()
         from pretrain.ds_config import build_ds_config  # also checks the DeepSpeed base file
         build_ds_config(cfg, world_size=args.world_size or 1)
     except ValueError as e:

@@ -1,11 +1,15 @@
 """Run metrics: `metrics.jsonl` (one JSON object per logged step and per evaluation), a console
 line with throughput and ETA, wandb (offline unless configured online), and the loss-curve PNG.
 
-Only rank 0 writes; other ranks get a logger whose methods do nothing.
+Only rank 0 writes; other ranks get a logger whose methods do nothing. Every line is strict JSON:
+a non-finite number is written as `null` and its key listed under `"nonfinite"` (e.g. a skipped
+step's `grad_norm`). A resumed run first drops the lines logged after its checkpoint's step
+(`truncate_after`), so each step appears once.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -42,7 +46,7 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        record = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
+        record = json_safe({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()})
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._wandb is not None:
@@ -65,9 +69,42 @@ class MetricsLogger:
         parts.append(f"eta {eta}")
         print(" | ".join(parts), flush=True)
 
+    def truncate_after(self, step: int) -> int:
+        """Drop records of steps after `step` (logged past the checkpoint a run resumes from).
+
+        Lines cut by a crash go too. Returns how many records were dropped."""
+        if not self.enabled or not self.path.is_file():
+            return 0
+        lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+        kept = []
+        for ln in lines:
+            try:
+                rec = json.loads(ln)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(rec.get("step"), int) or rec["step"] <= step:
+                kept.append(ln)
+        if len(kept) != len(lines):
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            tmp.replace(self.path)
+            print(f"[metrics] resumed at step {step}: dropped {len(lines) - len(kept)} metrics.jsonl "
+                  f"lines logged after it", flush=True)
+        return len(lines) - len(kept)
+
     def close(self) -> None:
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def json_safe(record: dict) -> dict:
+    """`record` with non-finite floats replaced by None and their keys listed under "nonfinite"."""
+    bad = sorted(k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v))
+    if not bad:
+        return record
+    out = {k: (None if k in bad else v) for k, v in record.items()}
+    out["nonfinite"] = bad
+    return out
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -87,7 +124,7 @@ def read_metrics(path: Path) -> list[dict]:
 def plot_losses(run_dir: Path) -> Path | None:
     """Training loss and held-out losses per source against step, as `loss.png`."""
     records = read_metrics(run_dir / "metrics.jsonl")
-    train = [r for r in records if r.get("type") == "train"]
+    train = [r for r in records if r.get("type") == "train" and r.get("loss") is not None]
     evals = [r for r in records if r.get("type") == "eval"]
     if not train:
         return None

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import socket
 import sys
@@ -36,6 +35,8 @@ from pretrain.accounting import paper_flops, param_counts, training_flops
 from pretrain.ds_config import build_ds_config, resolve_precision
 from pretrain.evaluation import caption_word_accuracy, evaluate_sources
 from pretrain.metrics import MetricsLogger, plot_losses
+from pretrain.ops_metrics import DataWait, window_metrics
+from pretrain.step_guard import StepGuard, nonfinite_state_stop, state_is_finite
 from pretrain.optim import build_optimizer, param_groups
 from pretrain.schedule import lr_multiplier
 
@@ -56,6 +57,9 @@ def init_distributed() -> tuple[int, int, torch.device]:
     """Join the process group the launcher set up (or make a world of one)."""
     import deepspeed
 
+    if "RANK" not in os.environ:  # a task started by srun: ranks and rendezvous from SLURM_*
+        from pretrain.launch.slurm import torch_env_from_slurm
+        os.environ.update(torch_env_from_slurm(dict(os.environ)))
     if "RANK" not in os.environ:  # plain `python -m pretrain.train`
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
@@ -63,17 +67,12 @@ def init_distributed() -> tuple[int, int, torch.device]:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
+        local_rank %= torch.cuda.device_count()  # srun --gpus-per-task=1 shows each task one GPU
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
-
-
-def _mean_over_ranks(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return (t / dist.get_world_size()).tolist()
 
 
 def _write_resolved_config(cfg: RunConfig, run_dir: Path) -> None:
@@ -184,10 +183,24 @@ def _data_stats_over_ranks(acc, device) -> dict:
     return out
 
 
-def _sum_over_ranks(value: int, device) -> int:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+def _sum_over_ranks(values: list[float] | torch.Tensor, device) -> list[float]:
+    t = torch.as_tensor(values).to(device=device, dtype=torch.float64).clone()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return int(t.item())
+    return t.tolist()
+
+
+def _stopped(cfg: RunConfig, stop, rank: int, run_dir: Path, guard, logger, summary: dict) -> dict:
+    """A run stopped by the non-finite guard: summary.json says so (finished false and why)."""
+    summary.update({"finished": False, "stopped": {"reason": stop.kind, "step": stop.step,
+                                                   "first_bad_step": stop.first_bad_step,
+                                                   "message": stop.message},
+                    "skipped_steps": guard.skipped_total})
+    if rank == 0:
+        print(f"[train] error: {stop.message}", file=sys.stderr, flush=True)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        plot_losses(run_dir)
+    logger.close()
+    return summary
 
 
 def train(cfg: RunConfig) -> dict:
@@ -195,6 +208,7 @@ def train(cfg: RunConfig) -> dict:
 
     rank, world, device = init_distributed()
     cfg.validate(world)
+    cfg.check_environment()
     run_dir = cfg.run_dir
     ckpt_root = run_dir / "checkpoints"
     if rank == 0:
@@ -256,10 +270,13 @@ def train(cfg: RunConfig) -> dict:
             print(f"[train] resumed from {path} at step {step}", flush=True)
         break
 
+    guard = StepGuard(t.max_skipped_steps, rank, world)
+    guard.install(engine)
     logger = MetricsLogger(run_dir, cfg.to_dict(), enabled=rank == 0, max_steps=t.max_steps,
                            wandb_cfg={"enabled": cfg.run.wandb, "mode": cfg.run.wandb_mode,
                                       "project": cfg.run.wandb_project, "name": cfg.run.name,
                                       "id": wandb_run_id(cfg.run.name, run_dir)})
+    logger.truncate_after(step)  # lines a previous attempt logged past this checkpoint
     eval_sets = build_eval_sets(cfg, rank, world)
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
     start_step = step
@@ -267,9 +284,11 @@ def train(cfg: RunConfig) -> dict:
 
     def new_window() -> dict:
         # Losses stay on the device until a log step: no host sync per micro-batch.
-        return {"loss_aux": torch.zeros(2, dtype=torch.float64, device=device), "n": 0, "steps": 0,
+        # loss_aux: sums over micro-batches with a finite loss, and their count (a skipped step's
+        # NaN would otherwise hide the window's other steps).
+        return {"loss_aux": torch.zeros(3, dtype=torch.float64, device=device), "steps": 0,
                 "tokens": 0, "image_tokens": 0, "targets": 0, "t0": time.time(),
-                "data": StatsAccumulator(cfg.data.sources)}
+                "data": StatsAccumulator(cfg.data.sources), "wait": DataWait(), "skipped": 0}
 
     window = new_window()
     peak_flops = device_peak_flops(device, resolve_precision(t.precision))
@@ -288,10 +307,11 @@ def train(cfg: RunConfig) -> dict:
                   flush=True)
         return result
 
+    stop = None  # a StopReason from the non-finite guard
     while step < t.max_steps:
         lr_now = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_mult", 1.0)
         for _ in range(gas):
-            cpu_batch = next(loader)
+            cpu_batch = window["wait"].next(loader)
             n_image = int(cpu_batch.is_patch.sum())  # counted on the host copy: no device sync
             window["image_tokens"] += n_image
             window["targets"] += int((cpu_batch.labels != -100).sum())
@@ -299,16 +319,23 @@ def train(cfg: RunConfig) -> dict:
             image_tokens_seen += n_image
             window["data"].add(loader.last_stats)
             out = engine(cpu_batch.to(device, non_blocking=True))
-            engine.backward(out.loss)
+            loss = guard.loss(out.loss, step + 1)
+            engine.backward(loss)
             engine.step()
-            window["loss_aux"] += torch.stack([out.ce_loss.detach(), out.aux_loss.detach()]).double()
-            window["n"] += 1
+            finite = torch.isfinite(loss.detach())
+            losses = torch.stack([out.ce_loss.detach(), out.aux_loss.detach(), torch.ones_like(out.ce_loss)])
+            window["loss_aux"] += torch.where(finite, losses.double(), 0.0)
         step += 1
         window["steps"] += 1
+        stop = guard.after_step(engine, step)
+        window["skipped"] += guard.last_skipped
         grad_norm = engine.get_global_grad_norm()
 
-        if step % cfg.run.log_every == 0 or step == t.max_steps:
-            loss, aux = _mean_over_ranks((window["loss_aux"] / window["n"]).tolist(), device)
+        if step % cfg.run.log_every == 0 or step == t.max_steps or stop:
+            ops = window_metrics(device, window["t0"], window["steps"], window["wait"].seconds)
+            loss_sum, aux_sum, n_finite = _sum_over_ranks(window["loss_aux"], device)
+            loss = loss_sum / n_finite if n_finite else float("nan")
+            aux = aux_sum / n_finite if n_finite else float("nan")
             elapsed = max(time.time() - window["t0"], 1e-9)
             model_flops = training_flops(cfg.model, cfg.data.seq_len, window["tokens"], window["image_tokens"],
                                          window["targets"])
@@ -319,21 +346,25 @@ def train(cfg: RunConfig) -> dict:
                       "step_time_s": elapsed / window["steps"],
                       "tflops_per_rank": model_flops / elapsed / 1e12,
                       "mfu": model_flops / elapsed / peak_flops if peak_flops else None,
-                      "image_token_fraction": window["image_tokens"] / max(window["tokens"], 1)}
+                      "image_token_fraction": window["image_tokens"] / max(window["tokens"], 1),
+                      "skipped_steps": window["skipped"], "skipped_steps_total": guard.skipped_total, **ops}
             record.update(_data_stats_over_ranks(window["data"], device))
             if cfg.model.kind == "moe":  # MoE router load per layer and expert (collective: all ranks)
                 from pretrain.models.moe import moe_metrics
                 record.update(moe_metrics(engine.module, all_reduce=True))
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {step}; stopping (last checkpoint kept)")
             logger.log(record)
             logger.console(step, record)
             window = new_window()
 
         if eval_sets and (step % t.eval_every == 0 or step == t.max_steps):
             last_eval = evaluate_now()
+        if stop:
+            break
         interrupted = t.stop_after_steps > 0 and step - start_step >= t.stop_after_steps
         if step % t.save_every == 0 or step == t.max_steps or interrupted:
+            if not state_is_finite(engine, device):
+                stop = nonfinite_state_stop(step)
+                break
             checkpoint.save(engine, ckpt_root, step, {"loader": loader.state_dict(),
                                                       "image_tokens_seen": image_tokens_seen},
                             keep=t.keep_checkpoints)
@@ -344,10 +375,14 @@ def train(cfg: RunConfig) -> dict:
             logger.close()
             return {"finished": False, "step": step}
 
+    image_tokens = int(_sum_over_ranks([image_tokens_seen], device)[0])
+    if stop:
+        return _stopped(cfg, stop, rank, run_dir, guard, logger,
+                        run_summary(cfg, step, step * tokens_per_step, image_tokens, last_eval))
     if eval_sets and not last_eval:  # resumed a finished run: report its final losses again
         last_eval = evaluate_now()
-    summary = run_summary(cfg, step, step * tokens_per_step, _sum_over_ranks(image_tokens_seen, device),
-                          last_eval)
+    summary = run_summary(cfg, step, step * tokens_per_step, image_tokens, last_eval)
+    summary["skipped_steps"] = guard.skipped_total
     if t.image_probe:
         probe = run_image_probe(engine.module, cfg, rank, world, device)
         summary["image_probe"] = probe
@@ -376,11 +411,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    train(cfg)
+    summary = train(cfg)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    return 0
+    return 3 if "stopped" in summary else 0
 
 
 if __name__ == "__main__":
