@@ -67,6 +67,8 @@ def build_ds_config(cfg, world_size: int) -> dict:
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.global_batch_size // per_step,
         "gradient_clipping": t.grad_clip,
-        "bf16": {"enabled": resolve_precision(t.precision) == "bf16"},
+        # check_grad_overflow: a bf16 step with a non-finite gradient is skipped, never applied
+        # (pretrain/step_guard.py relies on it; it is DeepSpeed's default, stated so it stays on).
+        "bf16": {"enabled": resolve_precision(t.precision) == "bf16", "check_grad_overflow": True},
     })
     return ds

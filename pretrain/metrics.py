@@ -50,7 +50,7 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in record.items() if k not in ("type",)}, step=record.get("step"))
+            self._wandb.log({k: v for k, v in record.items() if k not in ("type", "nonfinite")}, step=record.get("step"))
 
     def console(self, step: int, record: dict) -> None:
         if not self.enabled:

@@ -11,7 +11,7 @@ DEMO = str(REPO / "pretrain/configs/demo.yaml")
 
 
 def test_overrides_are_typed_and_applied():
-    cfg = load_config(DEMO, ["train.max_steps=7", "model.width=256", "train.lr=1e-3",
+    cfg = load_config(DEMO, ["train.max_steps=7", "train.warmup_steps=2", "model.width=256", "train.lr=1e-3",
                              "data.weights=[0.5,0.3,0.2]", "run.wandb=false"])
     assert cfg.train.max_steps == 7 and isinstance(cfg.train.max_steps, int)
     assert cfg.model.width == 256
