@@ -7,9 +7,11 @@ or as one plain process (world size 1), for debugging and tests:
     python -m pretrain.train --config pretrain/configs/demo.yaml train.max_steps=20
 
 The run directory (`run.dir`) receives the resolved config, `metrics.jsonl`, checkpoints, wandb's
-offline files, `loss.png` and, when training completes, `summary.json`. Started again in the same
-directory, a run resumes from its newest complete checkpoint (weights, optimizer, schedule, data
-position, RNG) and continues exactly as if it had not stopped.
+offline files, `loss.png` and, when training completes, `summary.json`. A run stopped by
+non-finite steps (pretrain/step_guard.py) writes `summary.json` with `"finished": false` and why,
+and exits 3. Under `srun` (one task per GPU) ranks come from SLURM_* (pretrain/launch/slurm.py).
+Started again in the same directory, a run resumes from its newest complete checkpoint (weights,
+optimizer, schedule, data position, RNG) and continues exactly as if it had not stopped.
 """
 from __future__ import annotations
 
