@@ -159,3 +159,37 @@ def test_state_is_finite_sees_weights_and_optimizer_state():
     with torch.no_grad():
         model.weight[0, 0] = float("nan")
     assert not state_is_finite(engine, torch.device("cpu"))
+
+
+_ENGINE_SCRIPT = r"""
+import os, sys, torch, deepspeed
+from pretrain.step_guard import state_is_finite, _inner_optimizer
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+cpu = torch.device("cpu")
+for stage in (0, 2):
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config={
+        "train_batch_size": 2, "gradient_clipping": 1.0, "zero_optimization": {"stage": stage}})
+    engine.backward(engine(torch.randn(2, 5)).sum())
+    engine.step()
+    inner = _inner_optimizer(engine.optimizer)
+    master = inner.param_groups[0]["params"][0]
+    moment = inner.state[master]["exp_avg_sq"]
+    results = [state_is_finite(engine, cpu)]
+    for t in (master.data, moment):  # the fp32 master weights, an Adam moment
+        t.view(-1)[-1] = float("nan")
+        results.append(state_is_finite(engine, cpu))
+        t.view(-1)[-1] = 0.0
+    print("stage", stage, results, flush=True)
+"""
+
+
+def test_state_is_finite_on_deepspeed_engines(tmp_path):
+    """The same check finds DeepSpeed's own master weights and moments (ZeRO-0 and ZeRO-2)."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", _ENGINE_SCRIPT, str(_free_port())], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("stage")]
+    assert lines == ["stage 0 [True, False, False]", "stage 2 [True, False, False]"], r.stdout[-2000:]
