@@ -60,7 +60,7 @@ class StopReason:
 class StepGuard:
     def __init__(self, max_skipped_steps: int, rank: int, world: int):
         self.max_skipped = max_skipped_steps
-        self.skipped_total = 0  # this process's count (a resumed run starts again at 0)
+        self.skipped_total = 0  # in the run so far: DeepSpeed's counter, saved in checkpoints
         self.consecutive = 0
         self.first_bad: int | None = None  # first step of the current streak of skips
         self.last_skipped = False
@@ -83,7 +83,7 @@ class StepGuard:
         """Make ZeRO-0 fp32 skip non-finite steps like DeepSpeed's ZeRO/bf16 wrappers do.
 
         Call after resuming: the engine's skip counter comes back from the checkpoint."""
-        self._seen = int(engine.skipped_steps)
+        self._seen = self.skipped_total = int(engine.skipped_steps)
         opt = engine.optimizer
         if hasattr(opt, "overflow"):  # a DeepSpeed wrapper: it already checks and skips
             return
@@ -115,11 +115,10 @@ class StepGuard:
         """Record whether `step` was applied; a StopReason once too many steps in a row were not."""
         now = int(engine.skipped_steps)
         self.last_skipped = now > self._seen
-        self._seen = now
+        self._seen = self.skipped_total = now
         if not self.last_skipped:
             self.consecutive, self.first_bad = 0, None
             return None
-        self.skipped_total += 1
         self.consecutive += 1
         self.first_bad = self.first_bad or step
         if engine.lr_scheduler is not None:  # DeepSpeed holds the schedule on a skip; keep it on step

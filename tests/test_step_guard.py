@@ -117,6 +117,7 @@ def test_nan_steps_zero2_launch_then_resume(tmp_path, tiny_demo):
     assert [x["skipped_steps"] for x in train[4:]] == [0] * (MAX_STEPS - 4)  # resumed after step 4
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["finished"] is True and summary["step"] == MAX_STEPS and "stopped" not in summary
+    assert summary["skipped_steps"] == 2  # steps 2 and 4, up to the checkpoint resumed from
 
 
 def test_planted_step_spec():
