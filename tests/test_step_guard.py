@@ -109,8 +109,12 @@ def test_nan_steps_zero2_launch_then_resume(tmp_path, tiny_demo):
     _check_stopped_run(run_dir, r.stdout + r.stderr)
     # An auto-restart without the fault resumes from the last good checkpoint (step 4), drops the
     # metrics logged after it, and finishes.
-    r = run_launch(DEMO, _overrides(run_dir, tiny_demo, 2), timeout=300)
+    # (Launcher arguments after `--` reach deepspeed unchanged and replace launch.sh's own.)
+    port = str(_free_port())
+    r = run_launch(DEMO, [*_overrides(run_dir, tiny_demo, 2), "--", "--master_port", port], timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    echoed = next(ln for ln in r.stdout.splitlines() if ln.startswith("+ ") and "deepspeed" in ln).split()
+    assert echoed.count("--master_port") == 1 and echoed[echoed.index("--master_port") + 1] == port
     assert "resumed from" in r.stdout and "step_00000004" in r.stdout
     train = [x for x in _strict_records(run_dir) if x["type"] == "train"]
     assert [x["step"] for x in train] == list(range(1, MAX_STEPS + 1))  # each step once
