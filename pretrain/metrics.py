@@ -69,8 +69,9 @@ class MetricsLogger:
         parts.append(f"eta {eta}")
         print(" | ".join(parts), flush=True)
 
-    def truncate_after(self, step: int) -> int:
-        """Drop records of steps after `step` (logged past the checkpoint a run resumes from).
+    def truncate_after(self, step: int, also_at_step: tuple[str, ...] = ()) -> int:
+        """Drop records of steps after `step` (logged past the checkpoint a run resumes from), and
+        those at `step` whose type is in `also_at_step` (about to be logged again).
 
         Lines cut by a crash go too. Returns how many records were dropped."""
         if not self.enabled or not self.path.is_file():
@@ -82,14 +83,15 @@ class MetricsLogger:
                 rec = json.loads(ln)
             except json.JSONDecodeError:
                 continue
-            if not isinstance(rec.get("step"), int) or rec["step"] <= step:
+            s = rec.get("step")
+            if not isinstance(s, int) or s < step or (s == step and rec.get("type") not in also_at_step):
                 kept.append(ln)
         if len(kept) != len(lines):
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(ln + "\n" for ln in kept))
             tmp.replace(self.path)
-            print(f"[metrics] resumed at step {step}: dropped {len(lines) - len(kept)} metrics.jsonl "
-                  f"lines logged after it", flush=True)
+            print(f"[metrics] restarting at step {step}: dropped {len(lines) - len(kept)} metrics.jsonl "
+                  f"lines that are logged again", flush=True)
         return len(lines) - len(kept)
 
     def close(self) -> None:

@@ -382,6 +382,7 @@ def train(cfg: RunConfig) -> dict:
         return _stopped(cfg, stop, rank, run_dir, guard, logger,
                         run_summary(cfg, step, step * tokens_per_step, image_tokens, last_eval))
     if eval_sets and not last_eval:  # resumed a finished run: report its final losses again
+        logger.truncate_after(step, also_at_step=("eval",))  # in place of the first report
         last_eval = evaluate_now()
     summary = run_summary(cfg, step, step * tokens_per_step, image_tokens, last_eval)
     summary["skipped_steps"] = guard.skipped_total

@@ -144,6 +144,10 @@ def test_metrics_lines_are_strict_json_and_truncate_on_resume(tmp_path):
     assert log.truncate_after(3) == 3  # step 4's two records and the cut line
     assert [r["step"] for r in _strict_records(tmp_path)] == [1, 2, 3]
     assert log.truncate_after(3) == 0
+    assert log.truncate_after(3, also_at_step=("eval",)) == 0  # no eval record at step 3
+    log.log({"type": "eval", "step": 3, "loss/avg": 1.0})
+    assert log.truncate_after(3, also_at_step=("eval",)) == 1
+    assert [r["type"] for r in _strict_records(tmp_path)] == ["train"] * 3
 
 
 class _Engine:
