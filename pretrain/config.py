@@ -7,7 +7,7 @@ Unknown keys are rejected with the nearest valid name, before any process starts
 
 Check a config (what launch.sh does before starting DeepSpeed):
 
-    python -m pretrain.config pretrain/configs/demo.yaml --world-size 2 train.max_steps=10
+    python -m pretrain.config pretrain/configs/demo.yaml --world-size 2 train.max_steps=10 train.warmup_steps=2
 """
 from __future__ import annotations
 

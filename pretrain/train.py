@@ -4,7 +4,7 @@
 
 or as one plain process (world size 1), for debugging and tests:
 
-    python -m pretrain.train --config pretrain/configs/demo.yaml train.max_steps=20
+    python -m pretrain.train --config pretrain/configs/demo.yaml train.max_steps=20 train.warmup_steps=2
 
 The run directory (`run.dir`) receives the resolved config, `metrics.jsonl`, checkpoints, wandb's
 offline files, `loss.png` and, when training completes, `summary.json`. A run stopped by
