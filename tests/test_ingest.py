@@ -187,7 +187,7 @@ def test_text_jsonl_gzip_zstd_and_truncation(tmp_path, tok_path):
     cut_keys = {k for k in got if k.startswith("cut_")}
     assert 0 < len(cut_keys) < 200
     assert {k: v[0] for k, v in got.items() if k not in cut_keys} == good
-    assert stats.skipped == {"bad_json": 2, "missing_text": 2, "truncated_input": 1}
+    assert stats.skipped == {"bad_json": 2, "missing_text": 2} and stats.events == {"truncated_input": 1}
     assert stats.samples == len(good) + len(cut_keys)
 
 

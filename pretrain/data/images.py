@@ -4,6 +4,15 @@ Normalisation: pixels are scaled to [0, 1] and then mapped to [-1, 1] with mean 
 per channel (the same for all channels). We do not use ImageNet statistics because the model
 has no pretrained vision encoder that would expect them.
 
+Colour modes (`to_rgb8`, used by ingest and by `to_pil`): every Pillow mode becomes 8-bit RGB by
+its meaning, not by Pillow's default cast. 16-bit and 32-bit integer grey ("I;16*", "I") is
+scaled from 0..65535 (Pillow's convert clips it at 255, turning most 16-bit photos white);
+float grey ("F") is read as 0..1 when it lies there, else clipped to 0..255; anything with alpha
+(RGBA, LA, La, RGBa, PA, P or L with a transparent colour) is composited over ALPHA_BACKGROUND
+(white, as img2dataset does); CMYK uses the uncalibrated formula R = (255 - C)(255 - K) / 255
+(embedded ICC profiles are not applied); other modes (P, L, 1, YCbCr, HSV, ...) use Pillow's
+conversion. EXIF orientation is applied by `upright` (ingest stores upright pixels).
+
 Patch layout: an image of side S is cut into (S/p)^2 patches in raster (row-major) order; each
 patch is flattened channel-first, i.e. index c*p*p + y*p + x, giving C*p*p = 3*p*p values.
 """
@@ -15,24 +24,68 @@ from typing import Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 MEAN = 0.5
 STD = 0.5
+# Colour that transparent pixels are composited over (see the module docstring).
+ALPHA_BACKGROUND = (255, 255, 255)
+_EXIF_ORIENTATION = 0x0112
 
 ImageLike = Union[Image.Image, bytes, torch.Tensor, np.ndarray]
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag (1..8; 1 = stored upright), read from the header only."""
+    try:
+        o = im.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # a malformed EXIF block: treat the image as upright
+        return 1
+    return o if isinstance(o, int) and 1 <= o <= 8 else 1
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: EXIF orientation applied (a no-op for orientation 1)."""
+    if exif_orientation(im) == 1:
+        return im
+    return ImageOps.exif_transpose(im)
+
+
+def to_rgb8(im: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB by its meaning (module docstring). RGB is returned as is."""
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        a = np.asarray(im)
+        if mode == "F":
+            a = a.astype(np.float64)
+            a = a * 255.0 if (a.size and a.min() >= 0.0 and a.max() <= 1.0) else a
+            g = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        else:  # integer 0..65535 -> 0..255, rounded: (v * 255 + 32767) // 65535
+            v = np.clip(a.astype(np.int64), 0, 65535)
+            g = ((v * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(np.repeat(g[:, :, None], 3, axis=2), "RGB")
+    if mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in im.info:
+        if mode == "La":  # premultiplied: Pillow converts it to LA only
+            im = im.convert("LA")
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.uint16)
+        alpha = rgba[:, :, 3:4]
+        bg = np.asarray(ALPHA_BACKGROUND, dtype=np.uint16)
+        out = (rgba[:, :, :3] * alpha + bg * (255 - alpha) + 127) // 255
+        return Image.fromarray(out.astype(np.uint8), "RGB")
+    return im.convert("RGB")
 
 
 def to_pil(img: ImageLike) -> Image.Image:
     """Accept a PIL image, encoded bytes, or a uint8 array/tensor [3,H,W] or [H,W,3]; return RGB."""
     if isinstance(img, Image.Image):
-        return img.convert("RGB")
+        return to_rgb8(img)
     if isinstance(img, (bytes, bytearray)):
         try:
             im = Image.open(io.BytesIO(img))
             im.load()
-            # convert() copies even when the mode already matches; skip it for RGB (the norm).
-            return im if im.mode == "RGB" else im.convert("RGB")
+            return to_rgb8(im)
         except Exception as e:  # PIL raises several types for corrupt data
             raise ValueError(f"to_pil: cannot decode image bytes ({e})") from e
     if isinstance(img, torch.Tensor):

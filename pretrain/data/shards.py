@@ -23,10 +23,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 
+def split_position(key: str, salt: str = "") -> float:
+    """The key's stable place in [0, 1): keys below the val fraction are held out."""
+    return int.from_bytes(hashlib.sha1((salt + key).encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
+
+
 def split_of(key: str, val_fraction: float, salt: str = "") -> str:
     """'val' or 'train' from a stable hash of the sample key (same on every machine and run)."""
-    h = int.from_bytes(hashlib.sha1((salt + key).encode("utf-8")).digest()[:8], "big")
-    return "val" if h / 2.0 ** 64 < val_fraction else "train"
+    return "val" if split_position(key, salt) < val_fraction else "train"
 
 
 @dataclass

@@ -3,23 +3,25 @@
 Inputs, by extension:
   * `.tar` (also .tar.gz/.tgz): webdataset tars in img2dataset's layout: KEY.jpg (or .jpeg,
     .png, .webp) with KEY.txt and/or KEY.json holding the caption (.txt wins; in .json the
-    `caption` field, else `text`). Keys are qualified with the tar's name (`{tar}_{key}`), since
-    img2dataset restarts its numbering in every output folder.
+    `caption` field, else `text`).
   * `.parquet` / `.jsonl[.gz|.zst]`: one row per pair; `IngestConfig.image_column` holds bytes,
-    a local path (relative to the input file's folder), or a {"bytes", "path"} struct (Hugging Face
-    datasets); `IngestConfig.caption_column` the caption; the key is the `key`/`id` column if
-    present, else `{file}_{row}`.
+    a local path, a URL (fetched by `--download`) or a {"bytes", "path"} struct (Hugging Face
+    datasets), resolved by image_refs.py; `IngestConfig.caption_column` the caption; the key is
+    the `key`/`id` column if present, else the row number. A parquet file without those columns
+    fails with an error naming the columns it has.
+Keys are local to the file; the driver qualifies them with the input's path relative to the
+other inputs (img2dataset restarts its numbering in every output folder).
 Bad samples are yielded as Skip: missing_image, missing_caption, bad_json, truncated_tar, ...
 
     python tools/prepare_data.py captions --input shards/*.tar --output data/web --tokenizer tok.model
 """
 from __future__ import annotations
 
-import os
 from typing import Iterator, Union
 
 from pretrain.data.ingest.driver import IngestConfig, RawDoc, Skip
-from pretrain.data.ingest.io import input_stem, iter_records, iter_tar_samples
+from pretrain.data.ingest.image_refs import ImageRefs
+from pretrain.data.ingest.io import absent_field, iter_records, iter_tar_samples
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -37,28 +39,7 @@ def _caption_of_json(raw: bytes, field_names=("caption", "text")):
     return None
 
 
-def read_image_field(value, base_dir: str) -> tuple[bytes | None, str]:
-    """bytes | path | {"bytes", "path"} -> (bytes or None, reason when None)."""
-    if isinstance(value, dict):
-        if value.get("bytes"):
-            return bytes(value["bytes"]), ""
-        value = value.get("path")
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value), ""
-    if isinstance(value, str) and value:
-        if value.startswith(("http://", "https://")):
-            return None, "remote_image"  # ingest never downloads; run img2dataset first
-        path = value if os.path.isabs(value) else os.path.join(base_dir, value)
-        try:
-            with open(path, "rb") as f:
-                return f.read(), ""
-        except OSError:
-            return None, "missing_image_file"
-    return None, "missing_image"
-
-
 def read_captions(path: str, cfg: IngestConfig) -> Iterator[Union[RawDoc, Skip]]:
-    stem = input_stem(path)
     if path.endswith((".tar", ".tar.gz", ".tgz")):
         for item in iter_tar_samples(path):
             if isinstance(item, Skip):
@@ -85,23 +66,26 @@ def read_captions(path: str, cfg: IngestConfig) -> Iterator[Union[RawDoc, Skip]]
             if not caption or not caption.strip():
                 yield Skip("missing_caption", where, "no KEY.txt and no caption in KEY.json")
                 continue
-            yield RawDoc(key=f"{stem}_{key.replace('/', '_')}", parts=[0, caption.strip()],
-                         images=[members[img_ext]], where=where, needs_text=True)
+            yield RawDoc(key=key, parts=[0, caption.strip()], images=[members[img_ext]], where=where,
+                         needs_text=True, is_caption=True)
         return
-    base_dir = os.path.dirname(os.path.abspath(path))
-    for item in iter_records(path):
+    refs = ImageRefs(path, cfg.image_root, cfg.download_cache)
+    for item in iter_records(path, required=(cfg.caption_column, cfg.image_column)):
         if isinstance(item, Skip):
             yield item
             continue
         where, rec = item
         caption = rec.get(cfg.caption_column)
         if not isinstance(caption, str) or not caption.strip():
-            yield Skip("missing_caption", where, f"column {cfg.caption_column!r} empty or absent")
+            yield Skip("missing_caption", where, absent_field(rec, cfg.caption_column, "column"))
             continue
-        data, reason = read_image_field(rec.get(cfg.image_column), base_dir)
+        data, reason = refs.read(rec.get(cfg.image_column))
         if data is None:
-            yield Skip(reason, where, f"column {cfg.image_column!r}")
+            detail = absent_field(rec, cfg.image_column, "column") if reason == "missing_image" else \
+                f"column {cfg.image_column!r}: {str(rec.get(cfg.image_column))[:100]}"
+            yield Skip(reason, where, detail)
             continue
         rid = rec.get("key", rec.get("id"))
-        key = f"{stem}_{rid}" if rid is not None else f"{stem}_{where.rsplit(':', 1)[-1].replace(' ', '')}"
-        yield RawDoc(key=key, parts=[0, caption.strip()], images=[data], where=where, needs_text=True)
+        key = str(rid) if rid is not None else where.rsplit(":", 1)[-1].replace(" ", "")
+        yield RawDoc(key=key, parts=[0, caption.strip()], images=[data], where=where, needs_text=True,
+                     is_caption=True)

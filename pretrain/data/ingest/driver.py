@@ -1,15 +1,20 @@
 """Ingest driver shared by the three formats: images at ingest, skip accounting, resumable tasks.
 
-The format readers (captions.py, interleaved.py, text.py) turn one input
-file into a stream of `RawDoc` (a key, parts, raw image bytes) or `Skip` (a bad sample, with its
-reason and place). This module does the rest, identically for every format:
+The format readers (captions.py, interleaved.py, text.py) turn one input file into a stream of
+`RawDoc` (a file-local key, parts, raw image bytes) or `Skip` (a bad sample, with its reason and
+place). This module does the rest, identically for every format:
 
-  * images: header checked first (pixel limit against decompression bombs, minimum side), JPEGs
-    decoded in the DCT domain at reduced scale (PIL `draft`), shorter side resized to
-    `IngestConfig.image_size` so the training crop has room, re-encoded as JPEG only when needed
-    (an RGB JPEG already at most that size is kept byte for byte, after a full decode proves it
-    is not truncated);
-  * text tokenized (no BOS/EOS; the loader adds them), split train/val by a stable hash of the key;
+  * keys: qualified with the input's path relative to the common folder of all inputs
+    (`laion/a/00000.tar` and `laion/b/00000.tar` never collide; inputs of one folder keep the
+    readable `{file}_{key}`), made shard-safe by `clean_key`; a key seen twice in a run's input
+    (adjacent or not, kept or skipped the first time) is skipped and counted as `duplicate_key`;
+  * images: `image_prep.prepare_image` (header checks, EXIF orientation, draft decode, resize,
+    colour modes to 8-bit RGB, JPEG);
+  * text tokenized (no BOS/EOS; the loader adds them); captions longer than `max_caption_tokens`
+    truncated, text and interleaved documents longer than `max_doc_tokens` split at paragraph
+    boundaries (lengths.py), both counted;
+  * train/val by a stable hash of the key, with a minimum held-out size per source (heldout.py);
+    the pieces of a split document stay in their document's split;
   * one task per input file: its shards are named after the file's index (`{split}-{idx}-{n}.tar`)
     and a small done-file `OUT/.ingest/{source}/{idx}.json` is written atomically after its last
     shard is closed. A restarted run skips inputs whose done-file exists (completed shards are not
@@ -17,8 +22,10 @@ reason and place). This module does the rest, identically for every format:
     are overwritten). The manifest is (re)written from the done-files at the end, merged with the
     other sources already in OUT/manifest.json.
 
-Nothing about the data can stop the run: every bad sample, image or file is counted by reason,
-logged (first few per reason and file, with the place), and skipped.
+Nothing about the data stops the run: every bad sample, image or file is counted by reason
+(accounting.py: the counts add up to the samples read), logged (first few per reason and file,
+with the place), and skipped. Whether the result is good enough is judged at the end
+(`accounting.problems`, used by tools/prepare_data.py to exit non-zero).
 
 Run it through `python tools/prepare_data.py captions|interleaved|text --input ... --output DIR
 --tokenizer TOK.model [--workers N]`.
@@ -26,7 +33,6 @@ Run it through `python tools/prepare_data.py captions|interleaved|text --input .
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import multiprocessing as mp
@@ -34,21 +40,21 @@ import os
 import re
 import shutil
 import time
-import warnings
-from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterator, Optional, Union
 
-from PIL import Image, ImageFile, UnidentifiedImageError
-
-from pretrain.data.ingest.io import Skip  # re-exported: the readers take Skip from here with RawDoc
+from pretrain.data.ingest.accounting import IngestStats, SkipLog
+from pretrain.data.ingest.heldout import heldout_fraction
+from pretrain.data.ingest.image_prep import BadImage, prepare_image
+from pretrain.data.ingest.io import InputError, Skip, input_stem  # Skip re-exported: readers take it from here
+from pretrain.data.ingest.lengths import split_document
 from pretrain.data.shards import ShardInfo, ShardWriter, split_of, write_manifest
 from pretrain.data.tokenizer import Tokenizer
 
-log = logging.getLogger("pretrain.data.ingest")
+__all__ = ["IngestConfig", "RawDoc", "Skip", "BadImage", "IngestStats", "prepare_image", "clean_key",
+           "run_task", "run_ingest"]
 
-# A truncated image must fail loudly (and be skipped), never be silently padded with grey.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
+log = logging.getLogger("pretrain.data.ingest")
 
 
 @dataclass
@@ -59,8 +65,10 @@ class IngestConfig:
     tokenizer: str
     # Source name written into the shards and the manifest (caption, interleaved, text, ...).
     source: str
-    # Fraction of samples (by stable hash of their key) that go to the val split.
+    # Fraction of samples (by stable hash of their key) that go to the val split (0: none).
     val_fraction: float = 0.01
+    # ... but at least this many documents of the source (at most half of it; see heldout.py).
+    val_min_docs: int = 200
     # Samples per output shard.
     shard_samples: int = 1000
     # Stored image size: shorter side in pixels after ingest (never upscaled). 256 leaves room for
@@ -75,125 +83,58 @@ class IngestConfig:
     min_image_size: int = 32
     # JPEG quality when an image must be re-encoded.
     jpeg_quality: int = 90
+    # Captions longer than this many tokens are truncated (counted).
+    max_caption_tokens: int = 512
+    # Text / interleaved documents costing more than this many tokens are split at paragraph
+    # boundaries into several documents (counted); an image costs `image_tokens`.
+    max_doc_tokens: int = 32768
+    image_tokens: int = 256
     # Processes, one input file at a time each (1: everything in this process).
     workers: int = 1
     # Column / field names (captions and interleaved parquet/JSONL; text JSONL).
     image_column: str = "image"
     caption_column: str = "caption"
     text_field: str = "text"
+    # Local image paths in records resolve under this folder ("": the input file's own folder);
+    # paths leading anywhere else are refused (image_refs.py).
+    image_root: str = ""
+    # Download cache of `--download` ("": image URLs are not fetched, counted as remote_image).
+    download_cache: str = ""
     # Show a progress bar.
     progress: bool = True
 
     def validate(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"IngestConfig.val_fraction: must be in [0, 1), got {self.val_fraction}")
+        if self.val_min_docs < 0:
+            raise ValueError(f"IngestConfig.val_min_docs: must be >= 0, got {self.val_min_docs}")
         if self.shard_samples < 1:
             raise ValueError(f"IngestConfig.shard_samples: must be >= 1, got {self.shard_samples}")
         if self.image_size < 1 or self.min_image_size < 1:
             raise ValueError("IngestConfig.image_size/min_image_size: must be >= 1")
+        if self.max_caption_tokens < 1 or self.max_doc_tokens < 1 or self.image_tokens < 0:
+            raise ValueError("IngestConfig.max_caption_tokens/max_doc_tokens: must be >= 1 "
+                             "(image_tokens >= 0)")
         if self.workers < 1:
             raise ValueError(f"IngestConfig.workers: must be >= 1, got {self.workers}")
         if not re.fullmatch(r"[A-Za-z0-9_-]+", self.source):
             raise ValueError(f"IngestConfig.source: {self.source!r} must be [A-Za-z0-9_-]+")
         if not os.path.isfile(self.tokenizer):
             raise ValueError(f"IngestConfig.tokenizer: file not found: {self.tokenizer}")
+        if self.image_root and not os.path.isdir(self.image_root):
+            raise ValueError(f"IngestConfig.image_root: not a directory: {self.image_root}")
 
 
 @dataclass
 class RawDoc:
     """One sample as a reader found it. parts: str (text) or int k (image k of `images`)."""
-    key: str
+    key: str  # unique within its input file; the driver qualifies it with the file's name
     parts: list
     images: list  # bytes, or a BadImage when the reader could not get them (missing file, ...)
     where: str  # file:line or tar:member, for log messages
     drop_bad_images: bool = False  # True: a bad image is dropped and the doc kept (interleaved)
-    needs_text: bool = False  # True: a doc without text is skipped (caption pairs)
-
-
-@dataclass
-class IngestStats:
-    """Counts of one task (input file) or of the whole run (sum of tasks)."""
-    samples: int = 0  # written
-    images: int = 0  # written
-    text_tokens: int = 0  # written
-    reencoded: int = 0  # images that had to be decoded, resized and re-encoded
-    skipped: dict = field(default_factory=dict)  # reason -> samples skipped (or events)
-    dropped_images: dict = field(default_factory=dict)  # reason -> images dropped from kept docs
-    seconds: float = 0.0
-
-    def add(self, other: "IngestStats") -> None:
-        self.samples += other.samples
-        self.images += other.images
-        self.text_tokens += other.text_tokens
-        self.reencoded += other.reencoded
-        self.seconds += other.seconds
-        for mine, theirs in [(self.skipped, other.skipped), (self.dropped_images, other.dropped_images)]:
-            for k, v in theirs.items():
-                mine[k] = mine.get(k, 0) + v
-
-
-class BadImage(Exception):
-    """An image that cannot be used; .reason is the counter name."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
-
-
-def prepare_image(data: bytes, cfg: IngestConfig) -> tuple[bytes, bool]:
-    """Raw image bytes -> (JPEG bytes with shorter side <= cfg.image_size, re-encoded?).
-
-    Raises BadImage("corrupt_image" | "too_many_pixels" | "too_small").
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImage("too_many_pixels", str(e)) from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise BadImage("corrupt_image", str(e)) from None
-    with im:
-        w, h = im.size
-        if w * h > cfg.max_pixels:  # from the header only: nothing decoded yet
-            raise BadImage("too_many_pixels", f"{w}x{h}")
-        if min(w, h) < cfg.min_image_size:
-            raise BadImage("too_small", f"{w}x{h}")
-        scale = min(1.0, cfg.image_size / min(w, h))
-        tw, th = max(1, round(w * scale)), max(1, round(h * scale))
-        too_long = cfg.max_long_side and max(tw, th) > cfg.max_long_side
-        try:
-            if im.format == "JPEG" and im.mode == "RGB" and scale == 1.0 and not too_long:
-                im.load()  # proves the file is complete; the original bytes are kept
-                return data, False
-            if im.format == "JPEG":
-                # Decode directly at 1/2, 1/4 or 1/8 scale in the DCT domain (much cheaper than a
-                # full decode followed by a resize); the result is never smaller than (tw, th).
-                im.draft("RGB", (tw, th))
-            im.load()
-            rgb = _to_rgb(im)
-            if rgb.size != (tw, th):
-                rgb = rgb.resize((tw, th), Image.BICUBIC, reducing_gap=2.0)
-            if too_long:
-                L = cfg.max_long_side
-                x0, y0 = (tw - min(tw, L)) // 2, (th - min(th, L)) // 2
-                rgb = rgb.crop((x0, y0, x0 + min(tw, L), y0 + min(th, L)))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            raise BadImage("corrupt_image", str(e)) from None
-    buf = io.BytesIO()
-    rgb.save(buf, format="JPEG", quality=cfg.jpeg_quality)
-    return buf.getvalue(), True
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """RGB; transparent pixels become white (dropping alpha would expose arbitrary colours)."""
-    if im.mode == "RGB":
-        return im
-    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, rgba).convert("RGB")
-    return im.convert("RGB")
+    needs_text: bool = False  # True: a doc without text is skipped (caption pairs, text docs)
+    is_caption: bool = False  # True: truncated at max_caption_tokens instead of split
 
 
 _KEY_OK = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -214,6 +155,19 @@ Reader = Callable[[str, IngestConfig], Iterator[Union[RawDoc, Skip]]]
 class _Task:
     idx: int
     path: str
+    name: str = ""  # the input's path relative to the common folder of all inputs, no extension
+
+    def key(self, local: str) -> str:
+        return clean_key(f"{self.name or input_stem(self.path)}_{local}")
+
+
+def task_names(paths: list[str]) -> list[str]:
+    """Input paths -> names unique across folders: relative to the inputs' common folder."""
+    absolute = [os.path.abspath(p) for p in paths]
+    common = os.path.dirname(absolute[0]) if len(absolute) == 1 else os.path.commonpath(absolute)
+    if len(absolute) > 1 and common in absolute:  # the same file given twice
+        common = os.path.dirname(common)
+    return [os.path.join(os.path.dirname(os.path.relpath(p, common)), input_stem(p)) for p in absolute]
 
 
 def _done_path(cfg: IngestConfig, idx: int) -> str:
@@ -230,18 +184,49 @@ def _write_atomic(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-class _SkipLog:
-    """Counts skips by reason; logs the first few of each reason per file."""
+def _images_of(item: RawDoc, cfg: IngestConfig, stats: IngestStats) -> tuple[list, dict, list]:
+    """(prepared JPEGs, input index -> output index, BadImage list)."""
+    images, remap, bad = [], {}, []
+    for k, data in enumerate(item.images):
+        try:
+            if isinstance(data, BadImage):  # a reader could not even get the bytes
+                raise data
+            jpg, re_enc = prepare_image(data, cfg)
+        except BadImage as e:
+            bad.append(e)
+            continue
+        remap[k] = len(images)
+        images.append(jpg)
+        stats.reencoded += int(re_enc)
+    return images, remap, bad
 
-    def __init__(self, stats: IngestStats, per_reason: int = 5):
-        self.stats, self.per_reason, self.seen = stats, per_reason, Counter()
 
-    def skip(self, s: Skip, table: Optional[dict] = None) -> None:
-        table = self.stats.skipped if table is None else table
-        table[s.reason] = table.get(s.reason, 0) + max(s.samples, 1)
-        self.seen[s.reason] += 1
-        if self.seen[s.reason] <= self.per_reason:
-            log.warning("skipped (%s) at %s: %s", s.reason, s.where, s.detail[:200])
+def _pieces(item: RawDoc, remap: dict, tok: Tokenizer, cfg: IngestConfig,
+            stats: IngestStats) -> tuple[list[list], int]:
+    """The document's parts as one or more pieces (token lists / output image indices)."""
+    parts, n_text = [], 0
+    for p in item.parts:
+        if isinstance(p, int):
+            if p in remap:
+                parts.append(remap[p])
+        elif p:
+            ids = tok.encode(p)
+            if ids:
+                parts.append(ids)
+                n_text += len(ids)
+    if item.is_caption:
+        if n_text > cfg.max_caption_tokens:
+            parts = [p if isinstance(p, int) else p[:cfg.max_caption_tokens] for p in parts]
+            stats.truncated_captions += 1
+        return [parts], n_text
+    cost = n_text + cfg.image_tokens * sum(isinstance(p, int) for p in parts)
+    if cost <= cfg.max_doc_tokens:
+        return [parts], n_text
+    raw = [remap[p] if isinstance(p, int) else p for p in item.parts if not isinstance(p, int) or p in remap]
+    pieces = split_document(raw, tok, cfg.max_doc_tokens, cfg.image_tokens)
+    stats.split_documents += 1
+    stats.split_added += len(pieces) - 1
+    return pieces, n_text
 
 
 def run_task(task: _Task, cfg: IngestConfig, reader: Reader, tok: Optional[Tokenizer] = None,
@@ -250,61 +235,54 @@ def run_task(task: _Task, cfg: IngestConfig, reader: Reader, tok: Optional[Token
     t0 = time.time()
     tok = tok or Tokenizer(cfg.tokenizer)
     stats = IngestStats()
-    slog = _SkipLog(stats)
+    slog = SkipLog(stats)
     writers = {sp: ShardWriter(cfg.output, cfg.source, sp, cfg.shard_samples, tag=f"{task.idx:05d}")
                for sp in ("train", "val")}
     seen_keys: set[str] = set()
+
+    def skipped(s: Skip, table: Optional[dict] = None) -> None:
+        slog.skip(s, table)
+        if progress and table is None:
+            progress(s.samples, 0)
     try:
-        for item in reader(task.path, cfg):
+        items = reader(task.path, cfg) if os.path.getsize(task.path) else \
+            iter([Skip("empty_input", os.path.basename(task.path), "zero-byte file", samples=0)])
+        for item in items:
             if isinstance(item, Skip):
-                slog.skip(item)
-                if progress:
-                    progress(item.samples, 0)
+                stats.read += item.samples
+                skipped(item)
                 continue
-            key = clean_key(item.key)
+            stats.read += 1
+            key = task.key(item.key)
             if key in seen_keys:
-                slog.skip(Skip("duplicate_key", item.where, key))
+                skipped(Skip("duplicate_key", item.where, key))
                 continue
-            images, remap, bad = [], {}, []  # remap: image index in the input -> in the output
-            for k, data in enumerate(item.images):
-                try:
-                    if isinstance(data, BadImage):  # a reader could not even get the bytes
-                        raise data
-                    jpg, re_enc = prepare_image(data, cfg)
-                except BadImage as e:
-                    bad.append(e)
-                    continue
-                remap[k] = len(images)
-                images.append(jpg)
-                stats.reencoded += int(re_enc)
+            seen_keys.add(key)
+            images, remap, bad = _images_of(item, cfg, stats)
             if bad and not item.drop_bad_images:
-                slog.skip(Skip(bad[0].reason, item.where, bad[0].detail))
-                if progress:
-                    progress(1, 0)
+                skipped(Skip(bad[0].reason, item.where, bad[0].detail))
                 continue
             for e in bad:  # interleaved: the document stays, the image goes
                 slog.skip(Skip(e.reason, item.where, e.detail), table=stats.dropped_images)
-            parts, n_text = [], 0
-            for p in item.parts:
-                if isinstance(p, int):
-                    if p in remap:
-                        parts.append(remap[p])
-                elif p:
-                    ids = tok.encode(p)
-                    if ids:
-                        parts.append(ids)
-                        n_text += len(ids)
-            if not parts:
-                slog.skip(Skip("empty_document", item.where, "no text and no usable image"))
+            pieces, n_text = _pieces(item, remap, tok, cfg, stats)
+            if not pieces[0]:
+                skipped(Skip("empty_document", item.where, "no text and no usable image"))
                 continue
             if item.needs_text and not n_text:
-                slog.skip(Skip("empty_caption", item.where, "the text tokenizes to nothing"))
+                skipped(Skip("empty_caption" if item.is_caption else "empty_text", item.where,
+                             "the text tokenizes to nothing"))
                 continue
-            seen_keys.add(key)
-            writers[split_of(key, cfg.val_fraction)].write(key, parts, images)
-            stats.samples += 1
+            split = split_of(key, cfg.val_fraction)
+            for i, parts in enumerate(pieces):
+                used = sorted(p for p in parts if isinstance(p, int))  # a piece's own images, renumbered
+                local = {old: new for new, old in enumerate(used)}
+                writers[split].write(key if i == 0 else clean_key(f"{key}-part{i}"),
+                                     [local[p] if isinstance(p, int) else p for p in parts],
+                                     [images[j] for j in used])
+                stats.samples += 1
+                stats.val_samples += split == "val"
             stats.images += len(images)
-            stats.text_tokens += n_text
+            stats.text_tokens += sum(len(p) for piece in pieces for p in piece if isinstance(p, list))
             if progress:
                 progress(1, len(images))
     finally:
@@ -325,6 +303,20 @@ def _pool_task(args) -> tuple[int, Optional[IngestStats], str]:
         return task.idx, None, f"{type(e).__name__}: {e}"
 
 
+def _source_keys(tasks: list[_Task], cfg: IngestConfig, reader: Reader) -> Iterator[str]:
+    """The document keys of the inputs, in order (for the held-out count; nothing is decoded)."""
+    for t in tasks:
+        try:
+            if os.path.getsize(t.path):
+                for item in reader(t.path, cfg):
+                    if isinstance(item, RawDoc):
+                        yield t.key(item.key)
+        except InputError:  # wrong columns: the user must hear it now, not after the count
+            raise
+        except Exception as e:  # unreadable: the ingest proper reports it
+            log.warning("counting documents: %s unreadable (%s)", t.path, e)
+
+
 def run_ingest(inputs: list[str], cfg: IngestConfig, reader: Reader) -> IngestStats:
     """Ingest every input file (skipping completed ones), then write OUTPUT/manifest.json."""
     cfg.validate()
@@ -332,14 +324,17 @@ def run_ingest(inputs: list[str], cfg: IngestConfig, reader: Reader) -> IngestSt
         raise ValueError("run_ingest: no input files")
     os.makedirs(cfg.output, exist_ok=True)
     _install_tokenizer(cfg)
-    tasks = [_Task(i, p) for i, p in enumerate(sorted(inputs))]
+    paths = sorted(inputs)
+    tasks = [_Task(i, p, n) for i, (p, n) in enumerate(zip(paths, task_names(paths)))]
+    heldout = heldout_fraction(cfg, lambda: _source_keys(tasks, cfg, reader))
+    cfg = replace(cfg, val_fraction=heldout["effective_val_fraction"])
     total, todo = IngestStats(), []
     for t in tasks:
         done = _load_done(cfg, t)
         if done is None:
             todo.append(t)
         else:
-            total.add(IngestStats(**done["stats"]))
+            total.add(IngestStats.from_dict(done["stats"]))
     if len(todo) < len(tasks):
         log.info("resuming: %d of %d inputs already done", len(tasks) - len(todo), len(tasks))
     bar = _bar(cfg, len(todo))
@@ -365,8 +360,11 @@ def run_ingest(inputs: list[str], cfg: IngestConfig, reader: Reader) -> IngestSt
     bar.close()
     for path, err in failed.items():
         log.error("input %s failed (%s); it is not in the manifest; rerun to retry", path, err)
-        total.skipped["unreadable_input"] = total.skipped.get("unreadable_input", 0) + 1
+        total.events["unreadable_input"] = total.events.get("unreadable_input", 0) + 1
+        total.examples.setdefault("unreadable_input", f"{path}: {err}")
+    total.failed_inputs.update(failed)
     _write_merged_manifest(cfg, tasks)
+    total.heldout = heldout
     return total
 
 

@@ -5,8 +5,12 @@ at every position. Images are bytes, a {"bytes", "path"} struct, or a local path
 input file's folder). Inputs, by extension:
   * `.jsonl[.gz|.zst]` / `.parquet`: one document per line / row;
   * `.tar`: webdataset samples KEY.json (the document) + the images stored beside it; an image
-    entry of the document then names its member (`KEY.0.jpg`, or just `0.jpg`) or is any other
-    non-null value, meaning "the next image member of this sample" in name order.
+    entry of the document then names its member (`KEY.0.jpg`, or just `0.jpg`), or is still the
+    URL of OBELICS' release with the downloaded file beside it as `KEY.{i}.jpg` (i: the image's
+    position in `images`, or else its number among the images, whichever the member names fit),
+    or is any other non-null value, meaning "the next image member of this sample" in name order.
+Images given as URLs are read from the download cache (`prepare_data.py --download`); a failed
+download removes that image slot (counted by reason) and the document keeps its text and order.
 A misaligned document is one Skip("bad_alignment"); a bad image is dropped from its document
 (counted under dropped_images) and the document kept.
 
@@ -14,18 +18,21 @@ A misaligned document is one Skip("bad_alignment"); a bad image is dropped from 
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 from typing import Iterator, Union
 
+from pretrain.data.ingest.captions import IMAGE_EXTS
+from pretrain.data.ingest.download import is_url
 from pretrain.data.ingest.driver import BadImage, IngestConfig, RawDoc, Skip
-from pretrain.data.ingest.captions import IMAGE_EXTS, read_image_field
-from pretrain.data.ingest.io import input_stem, iter_records, iter_tar_samples
+from pretrain.data.ingest.image_refs import ImageRefs
+from pretrain.data.ingest.io import iter_records, iter_tar_samples
 from pretrain.data.ingest.text import record_key
 
 
 def doc_from_record(rec: dict, where: str, key: str, image_of) -> Union[RawDoc, Skip]:
-    """image_of(value) -> (bytes | None, reason). Checks the OBELICS alignment rules."""
+    """image_of(value, position, ordinal) -> (bytes | None, reason). Checks the OBELICS alignment
+    rules: parallel lists, exactly one of text/image non-null at every position."""
     texts, images = rec.get("texts"), rec.get("images")
     if not isinstance(texts, list) or not isinstance(images, list):
         return Skip("bad_alignment", where, "`texts` and `images` must both be lists")
@@ -41,7 +48,7 @@ def doc_from_record(rec: dict, where: str, key: str, image_of) -> Union[RawDoc, 
             if t.strip():
                 parts.append(t)
             continue
-        data, reason = image_of(im)
+        data, reason = image_of(im, i, len(blobs))
         parts.append(len(blobs))
         # An unreadable reference stays in place as a BadImage: the driver drops and counts it.
         blobs.append(data if data is not None else BadImage(reason, f"position {i}: {str(im)[:80]}"))
@@ -50,8 +57,39 @@ def doc_from_record(rec: dict, where: str, key: str, image_of) -> Union[RawDoc, 
     return RawDoc(key=key, parts=parts, images=blobs, where=where, drop_bad_images=True)
 
 
+def _content_id(rec: dict) -> str:
+    return hashlib.sha1(json.dumps([rec.get("texts"), rec.get("images")], default=str).encode()).hexdigest()
+
+
+def _tar_image_of(rec: dict, members: dict, key: str, refs: ImageRefs):
+    """image_of for one tar sample (see the module docstring for the member naming rules)."""
+    base = key.rsplit("/", 1)[-1]
+    numbered = {}  # KEY.{n}.ext members: n -> ext
+    for e in members:
+        n, _, ext = e.partition(".")
+        if n.isdigit() and ext in IMAGE_EXTS:
+            numbered[int(n)] = e
+    images = rec.get("images") if isinstance(rec.get("images"), list) else []
+    by_position = set(numbered) <= {i for i, v in enumerate(images) if v is not None}
+    queue = iter(sorted(e for e in members if e.rsplit(".", 1)[-1] in IMAGE_EXTS))
+
+    def image_of(v, position: int, ordinal: int):
+        if is_url(v):
+            if numbered:
+                e = numbered.get(position if by_position else ordinal)
+                return (members[e], "") if e is not None else (None, "missing_image_file")
+            if refs.cache is not None or not members.keys() - {"json"}:
+                return refs.read(v)  # no image beside the document: the download cache
+        elif isinstance(v, str):
+            ext = (v[len(base) + 1:] if v.startswith(base + ".") else v).lower()
+            return (members[ext], "") if ext in members else (None, "missing_image_file")
+        nxt = next(queue, None)
+        return (members[nxt], "") if nxt is not None else (None, "missing_image_file")
+    return image_of
+
+
 def read_interleaved(path: str, cfg: IngestConfig) -> Iterator[Union[RawDoc, Skip]]:
-    stem = input_stem(path)
+    refs = ImageRefs(path, cfg.image_root, cfg.download_cache)
     if path.endswith((".tar", ".tar.gz", ".tgz")):
         for item in iter_tar_samples(path):
             if isinstance(item, Skip):
@@ -68,23 +106,12 @@ def read_interleaved(path: str, cfg: IngestConfig) -> Iterator[Union[RawDoc, Ski
             except (ValueError, UnicodeDecodeError) as e:
                 yield Skip("bad_json", where, str(e))
                 continue
-            image_members = sorted(e for e in members if e.rsplit(".", 1)[-1] in IMAGE_EXTS)
-            queue = iter(image_members)
-            base = os.path.basename(key)
-
-            def image_of(v, members=members, queue=queue, base=base):
-                if isinstance(v, str):
-                    ext = v[len(base) + 1:] if v.startswith(base + ".") else v
-                    return (members[ext.lower()], "") if ext.lower() in members else (None, "missing_image_file")
-                nxt = next(queue, None)
-                return (members[nxt], "") if nxt is not None else (None, "missing_image_file")
-            yield doc_from_record(rec, where, f"{stem}_{key.replace('/', '_')}", image_of)
+            yield doc_from_record(rec, where, key, _tar_image_of(rec, members, key, refs))
         return
-    base_dir = os.path.dirname(os.path.abspath(path))
-    for item in iter_records(path):
+    for item in iter_records(path, required=("texts", "images")):
         if isinstance(item, Skip):
             yield item
             continue
         where, rec = item
-        yield doc_from_record(rec, where, record_key(rec, stem, where),
-                              lambda v: read_image_field(v, base_dir))
+        yield doc_from_record(rec, where, record_key(rec, where, lambda: _content_id(rec)),
+                              lambda v, i, k: refs.read(v))

@@ -2,7 +2,10 @@
 
 Each generator yields good records and `Skip` events, and never raises on bad data: a malformed
 JSON line is one Skip("bad_json"), a truncated gzip/zstd stream or tar ends the file with one
-Skip("truncated_input"/"truncated_tar", samples=0) after everything readable before the damage.
+Skip("truncated_input"/"truncated_tar", samples=0) after everything readable before the damage
+(zstandard's own stream reader ends quietly inside a cut frame; `_ZstdReader` does not). A parquet
+file without a column the reader needs raises `InputError` naming the columns it has: that is a
+wrong flag (`--caption-column`), not bad data, and must not turn into zero samples and exit 0.
 Used by captions.py, interleaved.py and text.py, and by the tokenizer trainer (JSONL input).
 `Skip` lives here, at the bottom of the ingest stage, so that readers and driver both build on it.
 """
@@ -36,13 +39,57 @@ def input_stem(path: str) -> str:
     return base.split(".")[0]
 
 
+class InputError(ValueError):
+    """An input the reader cannot use at all (wrong columns): the input fails, the run says why."""
+
+
+class _ZstdReader(io.RawIOBase):
+    """Decompressed bytes of a (multi-frame) zstd file; EOFError when the file ends inside a frame."""
+
+    def __init__(self, path: str):
+        import zstandard
+        self._new = zstandard.ZstdDecompressor().decompressobj
+        self._f = open(path, "rb")
+        self._d = self._new()
+        self._in_frame = False
+        self._buf, self._pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while self._pos >= len(self._buf):
+            chunk = self._f.read(1 << 20)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("zstd data ends inside a frame (the file was cut short)")
+                return 0
+            self._buf, self._pos = self._feed(chunk), 0
+        n = min(len(b), len(self._buf) - self._pos)
+        b[:n] = self._buf[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def _feed(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            out.append(self._d.decompress(data))
+            self._in_frame = not self._d.eof
+            if not self._d.eof:
+                break
+            data, self._d = self._d.unused_data, self._new()
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
 def _open_binary(path: str):
     if path.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.endswith((".zst", ".zstd")):
-        import zstandard
-        raw = open(path, "rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+        return io.BufferedReader(_ZstdReader(path), 1 << 16)
     return open(path, "rb")
 
 
@@ -58,7 +105,10 @@ def iter_jsonl(path: str) -> Iterator[Union[tuple[int, dict], Skip]]:
                 try:
                     obj = json.loads(line)
                 except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    yield Skip("bad_json", f"{name}:{lineno}", str(e))
+                    if not line.endswith(b"\n"):  # only the last line can lack it: the file was cut
+                        yield Skip("truncated_input", f"{name}:{lineno}", f"last line cut: {e}")
+                    else:
+                        yield Skip("bad_json", f"{name}:{lineno}", str(e))
                     continue
                 if not isinstance(obj, dict):
                     yield Skip("bad_json", f"{name}:{lineno}", f"expected an object, got {type(obj).__name__}")
@@ -73,9 +123,11 @@ def iter_jsonl(path: str) -> Iterator[Union[tuple[int, dict], Skip]]:
             raise
 
 
-def iter_parquet(path: str, columns: Optional[list[str]] = None,
-                 batch_rows: int = 256) -> Iterator[Union[tuple[int, dict], Skip]]:
-    """(row number, row dict) per row; a damaged row group ends the file with a Skip."""
+def iter_parquet(path: str, columns: Optional[list[str]] = None, batch_rows: int = 256,
+                 required: tuple[str, ...] = ()) -> Iterator[Union[tuple[int, dict], Skip]]:
+    """(row number, row dict) per row; a damaged row group ends the file with a Skip.
+
+    Raises InputError when a `required` column is absent, naming the columns the file has."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     name = os.path.basename(path)
@@ -83,6 +135,10 @@ def iter_parquet(path: str, columns: Optional[list[str]] = None,
     try:
         pf = pq.ParquetFile(path)
         have = set(pf.schema_arrow.names)
+        absent = [c for c in required if c not in have]
+        if absent:
+            raise InputError(f"{path}: no column {', '.join(map(repr, absent))}; its columns are "
+                             f"{', '.join(pf.schema_arrow.names)}")
         cols = [c for c in columns if c in have] if columns else None
         for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
             for rec in batch.to_pylist():
@@ -92,15 +148,24 @@ def iter_parquet(path: str, columns: Optional[list[str]] = None,
         yield Skip("truncated_input", f"{name}:row {row}", f"{type(e).__name__}: {e}", samples=0)
 
 
-def iter_records(path: str, columns: Optional[list[str]] = None) -> Iterator[Union[tuple[str, dict], Skip]]:
-    """JSONL or parquet by extension: (place 'file:line', record) or Skip."""
+def iter_records(path: str, columns: Optional[list[str]] = None,
+                 required: tuple[str, ...] = ()) -> Iterator[Union[tuple[str, dict], Skip]]:
+    """JSONL or parquet by extension: (place 'file:line', record) or Skip. `required`: parquet
+    columns without which the file is unusable (InputError); JSONL records are checked one by one
+    by the reader, see `absent_field`."""
     name = os.path.basename(path)
     if path.endswith(".parquet"):
-        for r in iter_parquet(path, columns):
+        for r in iter_parquet(path, columns, required=required):
             yield r if isinstance(r, Skip) else (f"{name}:row {r[0]}", r[1])
     else:
         for r in iter_jsonl(path):
             yield r if isinstance(r, Skip) else (f"{name}:{r[0]}", r[1])
+
+
+def absent_field(rec: dict, field: str, what: str = "field") -> str:
+    """Skip detail for a record without a usable `field`, naming the fields it does have."""
+    state = "absent" if field not in rec else f"empty ({type(rec[field]).__name__})"
+    return f"{what} {field!r} {state}; the record has {', '.join(map(repr, sorted(rec)))[:200]}"
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -112,7 +177,9 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 def iter_tar_samples(path: str) -> Iterator[Union[tuple[str, dict[str, bytes], str], Skip]]:
     """(key, {ext: bytes}, place) per group of adjacent members sharing a key; streamed, so a
-    truncated tar yields every complete sample before the damage and then one Skip."""
+    truncated tar yields every complete sample before the damage and then one Skip. A member
+    whose extension the current group already has starts a new group with the same key
+    (`K.jpg K.txt K.jpg K.txt` is two samples, which the driver then counts as a duplicate key)."""
     name = os.path.basename(path)
     cur_key: Optional[str] = None
     cur: dict[str, bytes] = {}
@@ -129,7 +196,7 @@ def iter_tar_samples(path: str) -> Iterator[Union[tuple[str, dict[str, bytes], s
                 if len(data) != m.size:
                     raise tarfile.ReadError(f"member {m.name} truncated ({len(data)} of {m.size} bytes)")
                 reading = None
-                if key != cur_key:
+                if key != cur_key or ext in cur:
                     if cur_key is not None:
                         yield cur_key, cur, f"{name}:{cur_key}"
                     cur_key, cur = key, {}
