@@ -21,8 +21,9 @@ from pretrain.data.ingest.driver import IngestConfig, prepare_image, run_ingest
 from pretrain.data.ingest.captions import read_captions
 from pretrain.data.ingest.interleaved import read_interleaved
 from pretrain.data.ingest.text import read_text
-from pretrain.data.shards import ShardReader, load_manifest
-from pretrain.data.tokenizer import Tokenizer, train_tokenizer
+from pretrain.data.shards import load_manifest
+from pretrain.data.tokenizer import train_tokenizer
+from tests.ingest_helpers import read_shards
 
 WORDS = "red green blue cat dog house tree river small big old new the a of on in at".split()
 
@@ -55,20 +56,10 @@ def _tar(path, members):
 
 def _read_back(root, source):
     """{key: (text, n_images)} over all shards of a source; asserts no key appears twice."""
-    tok = Tokenizer(os.path.join(root, "tokenizer.model"))
     out = {}
-    for info in load_manifest(root).shards:
-        if info.source != source:
-            continue
-        r = ShardReader(os.path.join(root, info.path))
-        for s in r:
-            assert s.key not in out, f"{s.key} written twice"
-            text = " ".join(tok.decode(p) for p in s.doc["parts"] if isinstance(p, list))
-            for img in s.images:
-                with Image.open(io.BytesIO(img)) as im:
-                    assert im.format == "JPEG" and im.mode == "RGB" and min(im.size) <= 32
-            out[s.key] = (text, len(s.images))
-        r.close()
+    for key, (parts, images) in read_shards(root, source).items():
+        assert all(min(im.shape[:2]) <= 32 for im in images)
+        out[key] = (" ".join(p for p in parts if isinstance(p, str)), len(images))
     return out
 
 

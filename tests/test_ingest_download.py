@@ -14,9 +14,6 @@ import io
 import json
 import os
 import random
-import subprocess
-import sys
-import tarfile
 import threading
 from collections import Counter
 
@@ -28,28 +25,16 @@ from PIL import Image
 
 from pretrain.data.ingest.driver import IngestConfig, run_ingest
 from pretrain.data.ingest.interleaved import read_interleaved
-from pretrain.data.shards import ShardReader, load_manifest
-from pretrain.data.tokenizer import Tokenizer, train_tokenizer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = "red green blue cat dog house tree river small big old new the a of on in at".split()
+from tests.ingest_helpers import WORDS, encoded, make_tokenizer, prepare_data, read_shards, write_tar
 
 
 @pytest.fixture(scope="module")
 def tok_path(tmp_path_factory):
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(400)]
-    return train_tokenizer(iter(lines), str(tmp_path_factory.mktemp("tok") / "tok"), vocab_size=300)
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def _colour(i):
     return (37 * i + 20) % 256, (91 * i + 200) % 256, (53 * i + 90) % 256
-
-
-def _encoded(colour, fmt="JPEG", size=(48, 40)):
-    buf = io.BytesIO()
-    Image.new("RGB", size, colour).save(buf, format=fmt)
-    return buf.getvalue()
 
 
 class _Server:
@@ -86,25 +71,8 @@ class _Server:
 
 def _read_docs(root, source):
     """{key: [("t", text) | ("i", mean RGB)]} over all shards of a source (each key once)."""
-    tok = Tokenizer(os.path.join(root, "tokenizer.model"))
-    out = {}
-    for info in load_manifest(root).shards:
-        if info.source != source:
-            continue
-        r = ShardReader(os.path.join(root, info.path))
-        for s in r:
-            assert s.key not in out, f"{s.key} written twice"
-            seq = []
-            for p in s.doc["parts"]:
-                if isinstance(p, list):
-                    seq.append(("t", tok.decode(p)))
-                else:
-                    with Image.open(io.BytesIO(s.images[p])) as im:
-                        seq.append(("i", np.asarray(im.convert("RGB"), dtype=np.float64).mean(axis=(0, 1))))
-            assert len(s.images) == sum(1 for p in s.doc["parts"] if isinstance(p, int))
-            out[s.key] = seq
-        r.close()
-    return out
+    return {k: [("t", p) if isinstance(p, str) else ("i", imgs[p].reshape(-1, 3).mean(axis=0)) for p in parts]
+            for k, (parts, imgs) in read_shards(root, source).items()}
 
 
 def _same_doc(got, expected, colours):
@@ -122,13 +90,13 @@ def test_obelics_release_downloads_once_and_keeps_documents(tmp_path, tok_path):
     colours = [_colour(i) for i in range(6)]
     good = {f"/img/good{i}.{'png' if i % 2 else 'jpg'}": i for i in range(6)}
     routes = {p: (200, {"Content-Type": "image/png" if p.endswith("png") else "image/jpeg"},
-                  _encoded(colours[i], "PNG" if p.endswith("png") else "JPEG")) for p, i in good.items()}
+                  encoded(colours[i], fmt="PNG" if p.endswith("png") else "JPEG")) for p, i in good.items()}
     buf = io.BytesIO()  # a noisy JPEG cut in its scan data: a valid header, a broken image
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (160, 200, 3), dtype=np.uint8)).save(buf, "JPEG")
     routes["/img/broken.jpg"] = (200, {"Content-Type": "image/jpeg"}, buf.getvalue()[: len(buf.getvalue()) // 2])
     routes["/img/page.jpg"] = (200, {"Content-Type": "text/html"}, b"<html><body>not found</body></html>")
     routes["/img/optout.jpg"] = (200, {"Content-Type": "image/jpeg", "X-Robots-Tag": "noai"},
-                                 _encoded((9, 9, 9)))
+                                 encoded((9, 9, 9)))
     with _Server(routes) as srv:
         U = {name: srv.base + path for name, path in
              [*[(f"g{i}", p) for p, i in good.items()], ("broken", "/img/broken.jpg"),
@@ -156,13 +124,11 @@ def test_obelics_release_downloads_once_and_keeps_documents(tmp_path, tok_path):
                  "texts": [v if k == "t" else None for k, v in d]} for j, d in enumerate(docs)]
         pq.write_table(pa.Table.from_pylist(rows), tmp_path / "obelics-00000.parquet")
         out, cache = tmp_path / "out", tmp_path / "cache"
-        cmd = [sys.executable, os.path.join(ROOT, "tools", "prepare_data.py"), "interleaved",
-               "--input", str(tmp_path / "obelics-00000.parquet"), "--output", str(out), "--tokenizer", tok_path,
-               "--download", "--download-cache", str(cache), "--download-threads", "4",
-               "--download-timeout", "5", "--download-retries", "0", "--image-size", "32",
-               "--min-image-size", "8", "--no-progress"]
+        args = ["interleaved", "--input", tmp_path / "obelics-00000.parquet", "--output", out, "--tokenizer",
+                tok_path, "--download", "--download-cache", cache, "--download-threads", 4,
+                "--download-timeout", 5, "--download-retries", 0, "--image-size", 32, "--min-image-size", 8]
         env = {**os.environ, "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}
-        first = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        first = prepare_data(*args, env=env)
         assert first.returncode == 0, first.stderr[-3000:]
         summary = json.loads(first.stdout)
         hits_after_first = Counter(srv.hits)
@@ -184,7 +150,7 @@ def test_obelics_release_downloads_once_and_keeps_documents(tmp_path, tok_path):
         # A second run fetches nothing, even with its ingest redone (done-file removed): every
         # image comes from the cache and every failure is remembered.
         os.remove(out / ".ingest" / "interleaved" / "00000.json")
-        again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        again = prepare_data(*args, env=env)
         assert again.returncode == 0, again.stderr[-3000:]
         second = json.loads(again.stdout)
         assert second["download"] == {"urls": len(U), "cached": len(U), "fetched": 0, "failed": {},
@@ -201,16 +167,12 @@ def test_tar_with_release_urls_and_downloaded_files_beside(tmp_path, tok_path):
     url = "https://example.org/img{}.jpg".format
     by_position = {"texts": ["red cat", None, "big house", None], "images": [None, url(0), None, url(1)]}
     by_number = {"texts": [None, "old tree", None], "images": [url(2), None, url(3)]}
-    members = [("a.json", json.dumps(by_position).encode()), ("a.1.jpg", _encoded(colours[0])),
-               ("a.3.jpg", _encoded(colours[1])),
-               ("b.json", json.dumps(by_number).encode()), ("b.0.jpg", _encoded(colours[2])),
-               ("b.1.jpg", _encoded(colours[3])),
+    members = [("a.json", json.dumps(by_position).encode()), ("a.1.jpg", encoded(colours[0])),
+               ("a.3.jpg", encoded(colours[1])),
+               ("b.json", json.dumps(by_number).encode()), ("b.0.jpg", encoded(colours[2])),
+               ("b.1.jpg", encoded(colours[3])),
                ("c.json", json.dumps({"texts": ["a dog", None], "images": [None, url(9)]}).encode())]
-    with tarfile.open(tmp_path / "docs.tar", "w") as t:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
+    write_tar(tmp_path / "docs.tar", members)
     cfg = IngestConfig(output=str(tmp_path / "out"), tokenizer=tok_path, source="interleaved", image_size=32,
                        min_image_size=8, progress=False)
     stats = run_ingest([str(tmp_path / "docs.tar")], cfg, read_interleaved)

@@ -59,7 +59,8 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--val-min-docs", type=int, default=D.val_min_docs,
                     help="held-out documents at least (at most half the source)")
     ap.add_argument("--shard-samples", type=int, default=D.shard_samples)
-    ap.add_argument("--image-size", type=int, default=D.image_size, help="stored shorter side in pixels (never upscaled)")
+    ap.add_argument("--image-size", type=int, default=D.image_size,
+                    help="stored shorter side in pixels (never upscaled)")
     ap.add_argument("--max-pixels", type=int, default=D.max_pixels)
     ap.add_argument("--min-image-size", type=int, default=D.min_image_size)
     ap.add_argument("--jpeg-quality", type=int, default=D.jpeg_quality)
