@@ -4,8 +4,9 @@
     taskset -c 0 python tools/bench_data.py [--work /tmp/bench_data] [--seconds 20] [--json]
     python tools/bench_data.py --only loader --workers 0 1 2      # the worker-process curve
 
-Builds what it measures under --work (kept between runs): a caption tar of 512-px photo-like
-JPEGs in img2dataset's layout (ingest input), and a synthetic corpus of ingested-size shards
+Builds what it measures under --work (kept between runs): caption tars in img2dataset's layout
+(ingest input): real-img2dataset-like images (512 px on the short side, quality 95, ~0.35 MP and
+~122 KiB each, as img2dataset writes real web photos) and the lighter 512-px-long-side set; and a synthetic corpus of ingested-size shards
 (256-px JPEGs, web-like lengths; pretrain/data/corpora/synthetic.py) for the loader at the paper's
 setting: 224-px images, 14-px patches (256 per image), seq_len 1024, mixture 45/45/10 with
 caption rows tail-filled with text, augmentation on.
@@ -38,33 +39,79 @@ def _timed(fn):
     return out, time.perf_counter() - w, time.process_time() - c
 
 
-def bench_ingest(work: str, n_images: int) -> dict:
-    from pretrain.data.ingest.driver import IngestConfig, run_ingest
-    from pretrain.data.ingest.captions import read_captions
-    from pretrain.data.corpora.synthetic import synthetic_tokenizer, photo_like_jpeg
+def img2dataset_like_jpeg(rng: np.random.Generator, width: int, height: int, quality: int = 95,
+                          sigma: float = 4.0) -> bytes:
+    """A photo-like JPEG as img2dataset stores real web images (512 px on the short side, quality
+    95): detail at three scales plus sensor-like noise; sigma 4 gives about 122 KiB at 683x512,
+    what real img2dataset shards hold per image."""
+    from PIL import Image
+    acc = np.zeros((height, width, 3), np.float32)
+    for cells, amp in [(8, 1.0), (40, 0.45), (160, 0.25)]:
+        small = rng.normal(0, 1, (cells, max(2, cells * width // height), 3))
+        small = ((small - small.min()) / np.ptp(small) * 255).astype(np.uint8)
+        acc += amp * np.asarray(Image.fromarray(small).resize((width, height), Image.BICUBIC), np.float32)
+    acc = acc / 1.7 + rng.normal(0, sigma, acc.shape)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(acc, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+# Ingest inputs: name -> (description, pool of (width, height), image generator).
+INGEST_SETS = {
+    "512long": ("512-px (long side) JPEG q90, ~0.2 MP", [(512, 512), (512, 384)], "photo_like"),
+    # Real img2dataset output at --image_size 512 --resize_mode keep_ratio: the SHORT side is 512.
+    "img2dataset": ("img2dataset-like: 512-px short side, q95, ~0.35 MP, ~122 KiB",
+                    [(683, 512), (512, 683), (512, 512), (768, 512)], "img2dataset_like"),
+}
+
+
+def _ingest_tar(work: str, which: str, n_images: int) -> tuple[str, dict]:
+    """The caption tar of one INGEST_SETS entry (img2dataset layout), built once; its statistics."""
+    from pretrain.data.corpora.synthetic import photo_like_jpeg
     src = os.path.join(work, "ingest_src")
     os.makedirs(src, exist_ok=True)
-    tar_path = os.path.join(src, f"512px-{n_images}.tar")
+    tar_path = os.path.join(src, f"{which}-{n_images}.tar")
+    g = np.random.default_rng(0)
+    _, sizes, gen = INGEST_SETS[which]
+    make = photo_like_jpeg if gen == "photo_like" else img2dataset_like_jpeg
+    pool = [make(g, *sizes[i % len(sizes)]) for i in range(32)]
+    px = [sizes[i % len(sizes)][0] * sizes[i % len(sizes)][1] for i in range(32)]
+    info = {"kib_per_image": sum(map(len, pool)) / len(pool) / 1024, "mp_per_image": sum(px) / len(px) / 1e6}
     if not os.path.isfile(tar_path):
-        g = np.random.default_rng(0)
-        pool = [photo_like_jpeg(g, 512, 512 if i % 2 else 384) for i in range(32)]  # 512-px, two aspects
         with tarfile.open(tar_path + ".tmp", "w") as t:
             for i in range(n_images):
                 for name, data in [(f"{i:09d}.jpg", pool[i % len(pool)]),
                                    (f"{i:09d}.txt", f"a photo of thing number {i} on a table".encode())]:
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    t.addfile(info, io.BytesIO(data))
+                    ti = tarfile.TarInfo(name)
+                    ti.size = len(data)
+                    t.addfile(ti, io.BytesIO(data))
         os.replace(tar_path + ".tmp", tar_path)
+    return tar_path, info
+
+
+def bench_ingest(work: str, n_images: int, which: str = "img2dataset", profile: bool = False) -> dict:
+    from pretrain.data.corpora.synthetic import synthetic_tokenizer
+    from pretrain.data.ingest.captions import read_captions
+    from pretrain.data.ingest.driver import IngestConfig, run_ingest
+    tar_path, info = _ingest_tar(work, which, n_images)
     out = os.path.join(work, "ingest_out")
     if os.path.isdir(out):
         import shutil
         shutil.rmtree(out)
+    # val_min_docs=0: no held-out count pass (a large source skips it too; heldout.py).
     cfg = IngestConfig(output=out, tokenizer=synthetic_tokenizer(work), source="caption", progress=False,
-                       image_size=256, shard_samples=1000)
-    stats, wall, cpu = _timed(lambda: run_ingest([tar_path], cfg, read_captions))
+                       image_size=256, shard_samples=1000, val_min_docs=0)
+    if profile:
+        import cProfile
+        import pstats
+        prof = cProfile.Profile()
+        stats, wall, cpu = _timed(lambda: prof.runcall(run_ingest, [tar_path], cfg, read_captions))
+        pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+    else:
+        stats, wall, cpu = _timed(lambda: run_ingest([tar_path], cfg, read_captions))
     assert stats.images == n_images, stats
-    return {"what": "ingest 512-px JPEG -> 256-px (draft decode, resize, re-encode, tar write)",
+    return {"what": f"ingest {INGEST_SETS[which][0]} -> 256 px ({info['kib_per_image']:.0f} KiB, "
+                    f"{info['mp_per_image']:.2f} MP measured)",
             "unit": "images/s", "n": n_images, "cpu": n_images / cpu, "wall": n_images / wall}
 
 
@@ -171,6 +218,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/bench_data")
     ap.add_argument("--seconds", type=float, default=20.0, help="measuring time for tokenizer and loader")
     ap.add_argument("--ingest-images", type=int, default=3000)
+    ap.add_argument("--ingest-sets", nargs="+", choices=sorted(INGEST_SETS), default=["img2dataset", "512long"])
+    ap.add_argument("--profile", action="store_true", help="cProfile the ingest (top functions by own time)")
     ap.add_argument("--only", choices=["ingest", "tokenizer", "loader", "rows"], nargs="*")
     ap.add_argument("--workers", type=int, nargs="+", default=[0],
                     help="loader worker-process counts to measure (data.num_workers)")
@@ -181,7 +230,8 @@ def main() -> None:
     only = set(a.only or ["ingest", "tokenizer", "loader", "rows"])
     rows = []
     if "ingest" in only:
-        rows.append(bench_ingest(a.work, a.ingest_images))
+        for which in a.ingest_sets:
+            rows.append(bench_ingest(a.work, a.ingest_images, which, a.profile))
     if "tokenizer" in only:
         rows.append(bench_tokenizer(a.work, a.seconds))
     if "loader" in only:

@@ -38,6 +38,17 @@ class BadImage(Exception):
         self.reason, self.detail = reason, detail
 
 
+def _dct_scale(w: int, h: int, target: tuple[int, int]) -> int:
+    """The largest JPEG decode reduction (8, 4, 2, 1) whose output, ceil(side / s), still covers
+    the target. Asking Pillow's draft for the target itself loses a factor 2 whenever the target
+    is rounded up (683 px -> 342 asks more than 683 / 2), and a full decode plus resize of a
+    512-px-short-side image costs more than the decode itself."""
+    for s in (8, 4, 2):
+        if -(-w // s) >= target[0] and -(-h // s) >= target[1]:
+            return s
+    return 1
+
+
 def prepare_image(data: bytes, cfg: "IngestConfig") -> tuple[bytes, bool]:
     """Raw image bytes -> (upright RGB JPEG bytes, shorter side <= cfg.image_size; re-encoded?).
 
@@ -71,7 +82,9 @@ def prepare_image(data: bytes, cfg: "IngestConfig") -> tuple[bytes, bool]:
             if im.format == "JPEG":
                 # Decode directly at 1/2, 1/4 or 1/8 scale in the DCT domain (much cheaper than a
                 # full decode followed by a resize); the result is never smaller than the target.
-                im.draft("RGB", (th, tw) if swap else (tw, th))
+                s = _dct_scale(w, h, (th, tw) if swap else (tw, th))
+                if s > 1:
+                    im.draft("RGB", (w // s, h // s))
             im.load()
             rgb = to_rgb8(upright(im))
             if rgb.size != (tw, th):
