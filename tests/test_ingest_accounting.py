@@ -47,7 +47,8 @@ def test_wrong_caption_column_fails_naming_the_columns(tmp_path, tok_path):
     assert p.returncode != 0
     assert "no column 'caption'" in p.stderr and "key, image, text" in p.stderr, p.stderr[-2000:]
     ok = prepare_data_here("captions", "--input", tmp_path / "pairs.parquet", "--output", tmp_path / "out",
-                      "--tokenizer", tok_path, "--caption-column", "text", "--image-size", 32, "--min-image-size", 8)
+                           "--tokenizer", tok_path, "--caption-column", "text", "--image-size", 32,
+                           "--min-image-size", 8)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert summary_of(ok)["samples"] == 3 and summary_of(ok)["images"] == 3
 

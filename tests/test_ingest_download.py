@@ -181,3 +181,17 @@ def test_tar_with_release_urls_and_downloaded_files_beside(tmp_path, tok_path):
     _same_doc(got["docs_b"], [("i", 2), ("t", "old tree"), ("i", 3)], colours)
     _same_doc(got["docs_c"], [("t", "a dog")], colours)  # no file beside it, no download cache
     assert stats.images == 4 and stats.dropped_images == {"remote_image": 1}
+
+
+def test_failed_downloads_set_to_null_keep_their_documents(tmp_path, tok_path):
+    """Users' own glue marks a failed download with null text and null image at its position:
+    that slot goes (counted), never the whole document."""
+    docs = [{"texts": ["red cat", None, "big house"], "images": [None, None, None]},
+            {"texts": [None, "old tree"], "images": [None, None]},
+            {"texts": ["a", "b"], "images": ["x.jpg", None]}]  # text and image at once: misaligned
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    cfg = IngestConfig(output=str(tmp_path / "out"), tokenizer=tok_path, source="interleaved", progress=False)
+    stats = run_ingest([str(tmp_path / "d.jsonl")], cfg, read_interleaved)
+    got = {k: [t for _, t in v] for k, v in _read_docs(cfg.output, "interleaved").items()}
+    assert got == {"d_1": ["red cat", "big house"], "d_2": ["old tree"]}
+    assert stats.dropped_images == {"empty_slot": 2} and stats.skipped == {"bad_alignment": 1}

@@ -145,8 +145,8 @@ def test_image_paths_confined(tmp_path, tok_path):
     hf = [{"key": "struct", "image": {"bytes": None, "path": "/etc/hostname"}, "caption": "a river"},
           {"key": "fine", "image": {"bytes": None, "path": "img/ok.jpg"}, "caption": "a river"}]
     pq.write_table(pa.Table.from_pylist(hf), data / "hf.parquet")
-    stats = run_ingest([str(data / "p.parquet"), str(data / "hf.parquet")], _cfg(tmp_path / "o1", tok_path, "caption"),
-                       read_captions)
+    stats = run_ingest([str(data / "p.parquet"), str(data / "hf.parquet")],
+                       _cfg(tmp_path / "o1", tok_path, "caption"), read_captions)
     assert set(read_shards(str(tmp_path / "o1"), "caption")) == {"p_ok", "hf_fine"}
     assert stats.skipped == {"image_path_outside_root": 4}
     # With --image-root, relative paths resolve there, and only there.

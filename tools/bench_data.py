@@ -5,16 +5,18 @@
     python tools/bench_data.py --only loader --workers 0 1 2      # the worker-process curve
 
 Builds what it measures under --work (kept between runs): caption tars in img2dataset's layout
-(ingest input): real-img2dataset-like images (512 px on the short side, quality 95, ~0.35 MP and
-~122 KiB each, as img2dataset writes real web photos) and the lighter 512-px-long-side set; and a synthetic corpus of ingested-size shards
-(256-px JPEGs, web-like lengths; pretrain/data/corpora/synthetic.py) for the loader at the paper's
+for the ingest: real-img2dataset-like images (512 px on the short side, quality 95, ~0.35 MP and
+~122 KiB each, what img2dataset writes for real web photos) and a lighter set (512 px on the
+long side); and a synthetic corpus of ingested-size shards (256-px JPEGs, web-like lengths;
+pretrain/data/corpora/synthetic.py) for the loader at the paper's
 setting: 224-px images, 14-px patches (256 per image), seq_len 1024, mixture 45/45/10 with
 caption rows tail-filled with text, augmentation on.
 
 Every rate is given twice: per CPU-second of this process (`cpu`, what "per core" means; robust
 to other jobs sharing the machine) and per wall-clock second (`wall`, honest only on an idle
 core). Run it pinned to one core (taskset -c 0) so that neither number borrows a second core.
-Targets (issue 6): loader >= 150k tokens/s/core, ingest >= 300 images/s/core.
+Targets: loader >= 150k tokens/s/core (issue 6), ingest >= 300 images/s/core on the
+img2dataset-like shards (issue 16). `--only ingest --profile` prints where the ingest time goes.
 
 `--workers 0 1 2 ...` runs the loader once per worker-process count (data.num_workers) and adds,
 per count, the CPU time of the worker processes to the per-CPU-second rate and the training
@@ -74,7 +76,7 @@ def _ingest_tar(work: str, which: str, n_images: int) -> tuple[str, dict]:
     g = np.random.default_rng(0)
     _, sizes, gen = INGEST_SETS[which]
     make = photo_like_jpeg if gen == "photo_like" else img2dataset_like_jpeg
-    pool = [make(g, *sizes[i % len(sizes)]) for i in range(32)]
+    pool = [make(g, *sizes[i % len(sizes)]) for i in range(32)]  # built each run: sizes are reported
     px = [sizes[i % len(sizes)][0] * sizes[i % len(sizes)][1] for i in range(32)]
     info = {"kib_per_image": sum(map(len, pool)) / len(pool) / 1024, "mp_per_image": sum(px) / len(px) / 1e6}
     if not os.path.isfile(tar_path):

@@ -32,7 +32,8 @@ from pretrain.data.ingest.text import record_key
 
 def doc_from_record(rec: dict, where: str, key: str, image_of) -> Union[RawDoc, Skip]:
     """image_of(value, position, ordinal) -> (bytes | None, reason). Checks the OBELICS alignment
-    rules: parallel lists, exactly one of text/image non-null at every position."""
+    rules: parallel lists, never both a text and an image at one position (both null is taken
+    for an image slot whose download failed: dropped and counted, the document kept)."""
     texts, images = rec.get("texts"), rec.get("images")
     if not isinstance(texts, list) or not isinstance(images, list):
         return Skip("bad_alignment", where, "`texts` and `images` must both be lists")
@@ -40,8 +41,14 @@ def doc_from_record(rec: dict, where: str, key: str, image_of) -> Union[RawDoc, 
         return Skip("bad_alignment", where, f"{len(texts)} texts vs {len(images)} images")
     parts, blobs = [], []
     for i, (t, im) in enumerate(zip(texts, images)):
-        if (t is None) == (im is None):
-            return Skip("bad_alignment", where, f"position {i}: need exactly one of text/image")
+        if t is None and im is None:
+            # Both null: how download glue marks an image that could not be fetched. The slot
+            # goes (counted as an empty_slot image), the document stays.
+            parts.append(len(blobs))
+            blobs.append(BadImage("empty_slot", f"position {i}: text and image both null"))
+            continue
+        if t is not None and im is not None:
+            return Skip("bad_alignment", where, f"position {i}: both a text and an image")
         if t is not None:
             if not isinstance(t, str):
                 return Skip("bad_alignment", where, f"position {i}: text is {type(t).__name__}")

@@ -37,7 +37,8 @@ def split_document(parts: list[Union[str, int]], tok: Tokenizer, max_tokens: int
             continue
         for para in paragraphs(p):
             ids = tok.encode(para)
-            units.extend((len(ids[i:i + max_tokens]), ids[i:i + max_tokens]) for i in range(0, len(ids), max_tokens))
+            for i in range(0, len(ids), max_tokens):
+                units.append((len(ids[i:i + max_tokens]), ids[i:i + max_tokens]))
     pieces: list[list[Part]] = []
     cur: list[Part] = []
     cost = 0
