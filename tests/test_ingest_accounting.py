@@ -153,3 +153,18 @@ def test_keys_unique_across_input_folders(tmp_path, tok_path):
     got = read_shards(str(tmp_path / "out"), "caption")
     assert sorted(v[0][1] for v in got.values()) == ["big dog", "red cat"]
     assert stats.samples == 2 and stats.skipped == {}
+
+
+def test_img2dataset_parquet_output(tmp_path, tok_path):
+    """img2dataset --output_format parquet: image bytes in `jpg`, its failures as rows."""
+    rows = [{"key": "000000000", "jpg": encoded(), "caption": "red cat", "status": "success",
+             "error_message": None, "url": "https://a.org/1.jpg"},
+            {"key": "000000001", "jpg": None, "caption": "big dog", "status": "failed_to_download",
+             "error_message": "HTTP Error 404: Not Found", "url": "https://a.org/2.jpg"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "00000.parquet")
+    stats = run_ingest([str(tmp_path / "00000.parquet")], _cfg(tmp_path / "out", tok_path, "caption",
+                                                               image_column="jpg"), read_captions)
+    assert {k: v[0][1] for k, v in read_shards(str(tmp_path / "out"), "caption").items()} == \
+        {"00000_000000000": "red cat"}
+    assert stats.skipped == {"failed_download": 1}
+    _adds_up(stats)

@@ -8,7 +8,8 @@ Inputs, by extension:
     a local path, a URL (fetched by `--download`) or a {"bytes", "path"} struct (Hugging Face
     datasets), resolved by image_refs.py; `IngestConfig.caption_column` the caption; the key is
     the `key`/`id` column if present, else the row number. A parquet file without those columns
-    fails with an error naming the columns it has.
+    fails with an error naming the columns it has. img2dataset's parquet output works as is with
+    `--image-column jpg` (its rows whose `status` is not success count as failed_download).
 Keys are local to the file; the driver qualifies them with the input's path relative to the
 other inputs (img2dataset restarts its numbering in every output folder).
 Bad samples are yielded as Skip: missing_image, missing_caption, bad_json, truncated_tar, ...
@@ -75,6 +76,9 @@ def read_captions(path: str, cfg: IngestConfig) -> Iterator[Union[RawDoc, Skip]]
             yield item
             continue
         where, rec = item
+        if rec.get("status") not in (None, "success"):  # img2dataset's parquet lists its failures
+            yield Skip("failed_download", where, f"img2dataset status {rec['status']}: {rec.get('error_message')}")
+            continue
         caption = rec.get(cfg.caption_column)
         if not isinstance(caption, str) or not caption.strip():
             yield Skip("missing_caption", where, absent_field(rec, cfg.caption_column, "column"))
