@@ -167,7 +167,9 @@ def task_names(paths: list[str]) -> list[str]:
     common = os.path.dirname(absolute[0]) if len(absolute) == 1 else os.path.commonpath(absolute)
     if len(absolute) > 1 and common in absolute:  # the same file given twice
         common = os.path.dirname(common)
-    return [os.path.join(os.path.dirname(os.path.relpath(p, common)), input_stem(p)) for p in absolute]
+    names = [os.path.join(os.path.dirname(os.path.relpath(p, common)), input_stem(p)) for p in absolute]
+    taken = [n for n in names if names.count(n) > 1]  # a.tar next to a.tar.gz: keep the extension
+    return [os.path.relpath(p, common) if n in taken else n for p, n in zip(absolute, names)]
 
 
 def _done_path(cfg: IngestConfig, idx: int) -> str:
