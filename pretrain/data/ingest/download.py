@@ -269,7 +269,8 @@ def _run_img2dataset(rows, out_dir: str, dcfg: DownloadConfig, cache: UrlCache, 
     downloader = Downloader(
         sample_writer_class=ParquetSampleWriter,
         # No resizing, no re-encoding: the bytes as served (the ingest decodes them once).
-        resizer=Resizer(image_size=0, resize_mode="no", resize_only_if_bigger=False, disable_all_reencoding=True),
+        resizer=Resizer(image_size=0, resize_mode="no", resize_only_if_bigger=False,
+                        disable_all_reencoding=True),
         thread_count=dcfg.threads, save_caption=False, extract_exif=False, output_folder=out_dir,
         column_list=["url"], timeout=dcfg.timeout, number_sample_per_shard=dcfg.shard_urls,
         oom_shard_count=oom_shards, compute_hash=None, verify_hash_type=None, encode_format="jpg",
@@ -278,7 +279,7 @@ def _run_img2dataset(rows, out_dir: str, dcfg: DownloadConfig, cache: UrlCache, 
     bar = None
     if dcfg.progress:
         from tqdm import tqdm
-        bar = tqdm(total=sum(1 for _ in rows), unit="shard", desc="download")
+        bar = tqdm(total=len(rows), unit="shard", desc="download")
 
     def done(ok: bool, row) -> None:
         sid = row[0]
