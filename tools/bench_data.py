@@ -8,9 +8,9 @@ Builds what it measures under --work (kept between runs): caption tars in img2da
 for the ingest: real-img2dataset-like images (512 px on the short side, quality 95, ~0.35 MP and
 ~122 KiB each, what img2dataset writes for real web photos) and a lighter set (512 px on the
 long side); and a synthetic corpus of ingested-size shards (256-px JPEGs, web-like lengths;
-pretrain/data/corpora/synthetic.py) for the loader at the paper's
-setting: 224-px images, 14-px patches (256 per image), seq_len 1024, mixture 45/45/10 with
-caption rows tail-filled with text, augmentation on.
+pretrain/data/corpora/synthetic.py) for the loader at the paper's setting: 224-px images, 14-px
+patches (256 per image), seq_len 1024, mixture 45/45/10 with caption rows tail-filled with text,
+augmentation on.
 
 Every rate is given twice: per CPU-second of this process (`cpu`, what "per core" means; robust
 to other jobs sharing the machine) and per wall-clock second (`wall`, honest only on an idle
