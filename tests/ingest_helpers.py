@@ -66,14 +66,9 @@ def read_shards(root: str, source: str) -> dict:
     return out
 
 
-def prepare_data(*args, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """tools/prepare_data.py with these arguments (and --no-progress), in a fresh process."""
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "prepare_data.py"), *map(str, args), "--no-progress"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-
-
 def prepare_data_here(*args) -> subprocess.CompletedProcess:
-    """The same, run in this process (no interpreter start-up): exit status, stdout, stderr."""
+    """tools/prepare_data.py with these arguments (and --no-progress), run in this process as
+    `python tools/prepare_data.py ...` would run it: exit status, stdout, stderr."""
     argv = [os.path.join(ROOT, "tools", "prepare_data.py"), *map(str, args), "--no-progress"]
     out, err, code = io.StringIO(), io.StringIO(), 0
     old_argv = sys.argv

@@ -25,7 +25,7 @@ from PIL import Image
 
 from pretrain.data.ingest.driver import IngestConfig, run_ingest
 from pretrain.data.ingest.interleaved import read_interleaved
-from tests.ingest_helpers import WORDS, encoded, make_tokenizer, prepare_data, read_shards, write_tar
+from tests.ingest_helpers import WORDS, encoded, make_tokenizer, prepare_data_here, read_shards, write_tar
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def _same_doc(got, expected, colours):
             assert np.abs(g - np.asarray(colours[e], dtype=np.float64)).max() < 6, (g, colours[e])
 
 
-def test_obelics_release_downloads_once_and_keeps_documents(tmp_path, tok_path):
+def test_obelics_release_downloads_once_and_keeps_documents(tmp_path, tok_path, monkeypatch):
     rng = random.Random(7)
     colours = [_colour(i) for i in range(6)]
     good = {f"/img/good{i}.{'png' if i % 2 else 'jpg'}": i for i in range(6)}
@@ -127,8 +127,9 @@ def test_obelics_release_downloads_once_and_keeps_documents(tmp_path, tok_path):
         args = ["interleaved", "--input", tmp_path / "obelics-00000.parquet", "--output", out, "--tokenizer",
                 tok_path, "--download", "--download-cache", cache, "--download-threads", 4,
                 "--download-timeout", 5, "--download-retries", 0, "--image-size", 32, "--min-image-size", 8]
-        env = {**os.environ, "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}
-        first = prepare_data(*args, env=env)
+        for var in ("no_proxy", "NO_PROXY"):  # a proxy from the environment must not see 127.0.0.1
+            monkeypatch.setenv(var, "127.0.0.1,localhost")
+        first = prepare_data_here(*args)
         assert first.returncode == 0, first.stderr[-3000:]
         summary = json.loads(first.stdout)
         hits_after_first = Counter(srv.hits)
@@ -150,7 +151,7 @@ def test_obelics_release_downloads_once_and_keeps_documents(tmp_path, tok_path):
         # A second run fetches nothing, even with its ingest redone (done-file removed): every
         # image comes from the cache and every failure is remembered.
         os.remove(out / ".ingest" / "interleaved" / "00000.json")
-        again = prepare_data(*args, env=env)
+        again = prepare_data_here(*args)
         assert again.returncode == 0, again.stderr[-3000:]
         second = json.loads(again.stdout)
         assert second["download"] == {"urls": len(U), "cached": len(U), "fetched": 0, "failed": {},

@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
@@ -257,7 +258,8 @@ def _quiet_worker() -> None:
 def _run_img2dataset(rows, out_dir: str, dcfg: DownloadConfig, cache: UrlCache, stats: DownloadStats) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # img2dataset imports imghdr
             from img2dataset.downloader import Downloader
             from img2dataset.resizer import Resizer
             from img2dataset.writer import ParquetSampleWriter
