@@ -50,7 +50,7 @@ def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     D = IngestConfig
     ap.add_argument("kind", choices=sorted(DEFAULT_SOURCE))
-    ap.add_argument("--input", nargs="+", required=True, help="files or glob patterns")
+    ap.add_argument("--input", nargs="+", required=True, help="files or glob patterns (** for any depth)")
     ap.add_argument("--output", required=True)
     ap.add_argument("--tokenizer", required=True, help="sentencepiece .model (tools/train_tokenizer.py)")
     ap.add_argument("--source", default=None, help="source name (default: caption / interleaved / text)")
@@ -93,7 +93,7 @@ def _args() -> argparse.Namespace:
 def _inputs(patterns: list[str]) -> list[str]:
     inputs = []
     for pat in patterns:
-        hits = sorted(glob.glob(pat)) if any(c in pat for c in "*?[") else [pat]
+        hits = sorted(glob.glob(pat, recursive=True)) if any(c in pat for c in "*?[") else [pat]
         if not hits:
             raise SystemExit(f"prepare_data: --input {pat!r} matches no file")
         inputs.extend(hits)
