@@ -7,12 +7,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test venv clean
 
+# requirements-download.txt: img2dataset (prepare_data.py --download), installed without its
+# webdataset<0.3 pin, which clashes with ours (see the file).
 $(STAMP): requirements.txt requirements-download.txt
 	@test -x $(PYTHON) || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet "$$(grep -E '^torch==' requirements.txt)"
 	$(PYTHON) -m pip install --quiet -r requirements.txt
-	# img2dataset (prepare_data.py --download) without its webdataset<0.3 pin: see the file.
 	$(PYTHON) -m pip install --quiet --no-deps -r requirements-download.txt
 	@touch $(STAMP)
 
