@@ -35,6 +35,7 @@ from pretrain.config import ConfigError, RunConfig, load_config, save_config
 from pretrain.data.stats import StatsAccumulator
 from pretrain.accounting import paper_flops, param_counts, training_flops
 from pretrain.ds_config import build_ds_config, resolve_precision
+from pretrain.loss_norm import LossMeter, count_targets, forward_backward
 from pretrain.evaluation import caption_word_accuracy, evaluate_sources
 from pretrain.metrics import MetricsLogger, plot_losses
 from pretrain.ops_metrics import DataWait, window_metrics
@@ -286,9 +287,7 @@ def train(cfg: RunConfig) -> dict:
 
     def new_window() -> dict:
         # Losses stay on the device until a log step: no host sync per micro-batch.
-        # loss_aux: sums over micro-batches with a finite loss, and their count (a skipped step's
-        # NaN would otherwise hide the window's other steps).
-        return {"loss_aux": torch.zeros(3, dtype=torch.float64, device=device), "steps": 0,
+        return {"loss": LossMeter(device), "steps": 0,
                 "tokens": 0, "image_tokens": 0, "targets": 0, "t0": time.time(),
                 "data": StatsAccumulator(cfg.data.sources), "wait": DataWait(), "skipped": 0}
 
@@ -312,21 +311,18 @@ def train(cfg: RunConfig) -> dict:
     stop = None  # a StopReason from the non-finite guard
     while step < t.max_steps:
         lr_now = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_mult", 1.0)
+        micro_batches = []  # the whole step first: the loss is normalised by all its targets
         for _ in range(gas):
             cpu_batch = window["wait"].next(loader)
             n_image = int(cpu_batch.is_patch.sum())  # counted on the host copy: no device sync
             window["image_tokens"] += n_image
-            window["targets"] += int((cpu_batch.labels != -100).sum())
+            window["targets"] += count_targets(cpu_batch)
             window["tokens"] += cpu_batch.tokens.numel()
             image_tokens_seen += n_image
             window["data"].add(loader.last_stats)
-            out = engine(cpu_batch.to(device, non_blocking=True))
-            loss = guard.loss(out.loss, step + 1)
-            engine.backward(loss)
-            engine.step()
-            finite = torch.isfinite(loss.detach())
-            losses = torch.stack([out.ce_loss.detach(), out.aux_loss.detach(), torch.ones_like(out.ce_loss)])
-            window["loss_aux"] += torch.where(finite, losses.double(), 0.0)
+            micro_batches.append(cpu_batch)
+        window["loss"].add(forward_backward(engine, micro_batches, device, lambda x: guard.loss(x, step + 1)))
+        engine.step()
         step += 1
         window["steps"] += 1
         stop = guard.after_step(engine, step)
@@ -335,9 +331,7 @@ def train(cfg: RunConfig) -> dict:
 
         if step % cfg.run.log_every == 0 or step == t.max_steps or stop:
             ops = window_metrics(device, window["t0"], window["steps"], window["wait"].seconds)
-            loss_sum, aux_sum, n_finite = _sum_over_ranks(window["loss_aux"], device)
-            loss = loss_sum / n_finite if n_finite else float("nan")
-            aux = aux_sum / n_finite if n_finite else float("nan")
+            loss, aux = window["loss"].reduce()  # mean over the window's text targets (nan: all skipped)
             elapsed = max(time.time() - window["t0"], 1e-9)
             model_flops = training_flops(cfg.model, cfg.data.seq_len, window["tokens"], window["image_tokens"],
                                          window["targets"])

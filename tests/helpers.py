@@ -42,3 +42,26 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def spawn_workers(target, world: int, timeout: float = 300) -> str:
+    """Run `target(rank, port, out_dir)` in `world` spawned processes (a gloo rendezvous on a free
+    port) and wait; returns out_dir. Fails naming the ranks that hung or exited non-zero."""
+    import tempfile
+    import torch.multiprocessing as mp
+
+    out_dir = tempfile.mkdtemp(prefix="workers_")
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=target, args=(r, port, out_dir)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)  # a hang in a collective shows up here
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not hung, f"ranks {hung} did not finish within {timeout} s (a hang in a collective?)"
+    assert all(p.exitcode == 0 for p in procs), f"exit codes {[p.exitcode for p in procs]}"
+    return out_dir

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from tests.helpers import spawn_workers
 
 WORLD = 2
 STEPS = 3
@@ -28,12 +27,6 @@ GAS = 2
 MICRO = 2
 SEQ = 16
 PATCH_DIM = 3 * 2 * 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_cfg(zero: int, ep: int, clip: float = 0.05):
@@ -191,20 +184,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def results():
-    out_dir = tempfile.mkdtemp(prefix="moe_parallel_")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, out_dir)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)  # a hang in the exchange shows up here
-    hung = [p.pid for p in procs if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert not hung, f"workers {hung} did not finish (hang in the expert-parallel exchange?)"
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    out_dir = spawn_workers(_worker, WORLD)
     with open(os.path.join(out_dir, "rank0.json")) as f:
         r0 = json.load(f)
     with open(os.path.join(out_dir, "rank1.json")) as f:
