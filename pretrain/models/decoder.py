@@ -51,6 +51,9 @@ class MultimodalDecoder(nn.Module):
 
     def reset_parameters(self) -> None:
         init_weights(self, self.cfg.init_std, self.cfg.depth)
+        # The image embedder initialises itself after the blanket rule: its input is pixels (or
+        # a ViT's normalised features), not the residual stream (layers.PatchProjection).
+        self.image_embedder.reset_parameters()
 
     def aux_modules(self) -> list[nn.Module]:
         return [m for m in self.modules() if getattr(m, "aux_loss", None) is not None]

@@ -33,12 +33,8 @@ from pretrain.models.vision import VisionEncoder
 
 
 class LateFusionDecoder(MultimodalDecoder):
-    """The shared decoder with a `VisionEncoder` as image embedder; re-initialises the encoder
-    with its own depth after the decoder's initialisation (which would scale by decoder depth)."""
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        self.image_embedder.reset_parameters()
+    """The shared decoder with a `VisionEncoder` as image embedder (which re-initialises itself
+    with its own depth after the decoder's blanket initialisation)."""
 
 
 def build_late_fusion(cfg: ModelConfig) -> LateFusionDecoder:

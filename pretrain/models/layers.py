@@ -104,6 +104,26 @@ class Block(nn.Module):
         return x_BTD + self.ffn(self.ffn_norm(x_BTD), ctx.is_patch)
 
 
+class PatchProjection(nn.Linear):
+    """Early fusion's image input (and the MoE's): a flattened `p x p` patch -> decoder width.
+
+    Initialised for the scale of the token embeddings it sits among: weight N(0, std / sqrt(fan_in)),
+    zero bias. A patch whose pixels have RMS `r` (pixels are normalised to [-1, 1], so r <= 1)
+    then embeds with RMS `std * r`, the text embeddings' `std` at most. The decoder's N(0, std)
+    for every matrix would multiply that by sqrt(fan_in) (24x for 14 px patches), and PyTorch's
+    default bias U(+-1/sqrt(fan_in)) adds a constant offset of RMS 1/sqrt(3 fan_in) to every
+    patch; together image embeddings started at 7-11x the RMS of text embeddings, so the first
+    block's pre-norm saw images at another scale than text (tests/test_model.py measures both)."""
+
+    def __init__(self, patch_dim: int, width: int, init_std: float):
+        self.init_std = init_std  # before nn.Linear.__init__, which calls reset_parameters()
+        super().__init__(patch_dim, width)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=self.init_std / math.sqrt(self.in_features))
+        nn.init.zeros_(self.bias)
+
+
 def init_weights(module: nn.Module, std: float, depth: int) -> None:
     """Normal(0, std) for every matrix; residual-branch outputs scaled by 1/sqrt(2*depth)
     (GPT-2's rule) so the residual stream's variance does not grow with depth."""

@@ -50,7 +50,7 @@ from torch import nn
 from kernels.grouped_gemm import grouped_gemm
 from kernels.grouped_swiglu import grouped_swiglu
 from pretrain.models.config import ModelConfig, MoEConfig
-from pretrain.models.layers import SwiGLU
+from pretrain.models.layers import PatchProjection, SwiGLU
 
 
 def _in_backward() -> bool:
@@ -343,7 +343,7 @@ def build_moe(cfg: ModelConfig, expert_group=None):
     if expert_group is not None:
         from pretrain.models.moe_parallel import DeepSpeedMoEFFN
         layer_cls = DeepSpeedMoEFFN
-    patch_proj = nn.Linear(cfg.patch_dim, cfg.width)
+    patch_proj = PatchProjection(cfg.patch_dim, cfg.width, cfg.init_std)
     return MultimodalDecoder(cfg, patch_proj, lambda layer: layer_cls(
         cfg.width, cfg.ffn_hidden_size, cfg.moe, cfg.init_std, cfg.depth, expert_group,
         init=False))
@@ -352,6 +352,6 @@ def build_moe(cfg: ModelConfig, expert_group=None):
 def build_modality_aware(cfg: ModelConfig):
     """Modality-aware baseline: the early-fusion decoder with every FFN a `ModalityAwareFFN`."""
     from pretrain.models.decoder import MultimodalDecoder
-    patch_proj = nn.Linear(cfg.patch_dim, cfg.width)
+    patch_proj = PatchProjection(cfg.patch_dim, cfg.width, cfg.init_std)
     return MultimodalDecoder(cfg, patch_proj,
                              lambda layer: ModalityAwareFFN(cfg.width, cfg.ffn_hidden_size))

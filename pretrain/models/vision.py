@@ -92,7 +92,9 @@ class VisionEncoder(nn.Module):
     def reset_parameters(self) -> None:
         """Normal(0, init_std) matrices and position table, zero biases, unit LayerNorm gains;
         residual-branch outputs (attn.out, fc2) scaled by 1/sqrt(2 * vision depth), the decoder's
-        GPT-2 rule applied with the encoder's own depth."""
+        GPT-2 rule applied with the encoder's own depth. The projection into the decoder reads
+        `ln_post`'s unit-RMS features: N(0, init_std / sqrt(vision width)) gives image embeddings
+        of the text embeddings' RMS (init_std), as early fusion's `PatchProjection`."""
         std, depth = self.cfg.init_std, max(self.cfg.vision.depth, 1)
         nn.init.normal_(self.pos_embed, mean=0.0, std=std)
         for name, m in self.named_modules():
@@ -100,7 +102,8 @@ class VisionEncoder(nn.Module):
                 m.reset_parameters()
             elif isinstance(m, nn.Linear):
                 residual_out = name.endswith(("attn.out", "fc2"))
-                nn.init.normal_(m.weight, mean=0.0, std=std / math.sqrt(2 * depth) if residual_out else std)
+                s = std / math.sqrt(2 * depth) if residual_out else std
+                nn.init.normal_(m.weight, mean=0.0, std=s / math.sqrt(m.in_features) if name == "proj" else s)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
