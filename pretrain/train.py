@@ -40,7 +40,7 @@ from pretrain.evaluation import caption_word_accuracy, evaluate_sources
 from pretrain.metrics import MetricsLogger, plot_losses
 from pretrain.ops_metrics import DataWait, window_metrics
 from pretrain.step_guard import StepGuard, nonfinite_state_stop, state_is_finite
-from pretrain.optim import build_optimizer, param_groups
+from pretrain.optim import base_lr, build_optimizer, param_groups
 from pretrain.schedule import lr_multiplier
 
 
@@ -310,7 +310,7 @@ def train(cfg: RunConfig) -> dict:
 
     stop = None  # a StopReason from the non-finite guard
     while step < t.max_steps:
-        lr_now = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_mult", 1.0)
+        lr_now = base_lr(optimizer)
         micro_batches = []  # the whole step first: the loss is normalised by all its targets
         for _ in range(gas):
             cpu_batch = window["wait"].next(loader)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 KINDS = ("early", "late", "moe", "modality_aware")
 ATTENTION_BACKENDS = ("auto", "reference", "triton", "flex", "flash_attn")
+VIT_ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh")
 
 
 def swiglu_hidden(width: int, multiple_of: int = 256) -> int:
@@ -24,7 +25,13 @@ class VisionConfig:
     depth: int = 24  # ViT blocks
     head_dim: int = 64  # ViT attention head size; must divide width
     ffn_hidden: int = 0  # ViT MLP hidden size; 0 -> 4 * width (CLIP-style GELU MLP)
-    lr_mult: float = 1.0  # learning-rate multiplier of the encoder (paper Table 8)
+    lr_mult: float = 1.0  # learning-rate multiplier of the encoder (paper Table 8); 0 freezes it
+    decay_with_lr_mult: bool = True  # encoder weight decay x lr_mult (same decay per update as the decoder); false: full train.weight_decay
+    init_from: str = ""  # local Hugging Face CLIP / SigLIP vision checkpoint to start the encoder from ("" = random init)
+    activation: str = "gelu"  # ViT MLP activation: gelu (erf) | quick_gelu (OpenAI CLIP) | gelu_tanh (SigLIP)
+    pre_norm: bool = True  # LayerNorm over the embedded patches before the blocks (CLIP's ln_pre; SigLIP has none)
+    class_token: bool = False  # prepend a learned class token (CLIP); the decoder never sees its output
+    norm_eps: float = 1e-5  # ViT LayerNorm epsilon (CLIP 1e-5, SigLIP 1e-6)
 
 
 @dataclass
@@ -92,6 +99,13 @@ class ModelConfig:
         if self.kind == "late" and self.vision.width % self.vision.head_dim:
             raise ValueError(f"model.vision.head_dim={self.vision.head_dim} does not divide "
                              f"model.vision.width={self.vision.width}")
+        if self.vision.lr_mult < 0:
+            raise ValueError(f"model.vision.lr_mult must be >= 0 (0 freezes the encoder), got {self.vision.lr_mult}")
+        if self.vision.activation not in VIT_ACTIVATIONS:
+            raise ValueError(f"model.vision.activation must be one of {VIT_ACTIVATIONS}, "
+                             f"got {self.vision.activation!r}")
+        if self.vision.init_from and self.kind != "late":
+            raise ValueError(f"model.vision.init_from is set but model.kind={self.kind!r} has no vision encoder")
         if self.kind == "moe":
             m = self.moe
             if m.num_experts < 1 or not 1 <= m.top_k <= m.num_experts:

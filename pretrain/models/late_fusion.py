@@ -12,7 +12,12 @@ paper's Table 8: 0.01 works best from scratch); the projection into the decoder 
 trains at the full rate. `build_late_fusion` tags every ViT parameter with `p.lr_mult`, which
 `pretrain.optim.param_groups` reads; `lr_multipliers(model)` lists the multiplier of every
 parameter by name and `vision_parameters(model)` the encoder's parameters, for anything else that
-builds optimizer groups.
+builds optimizer groups. `lr_mult=0` freezes the ViT (the paper's Table 7 setting for an
+initialised encoder): `requires_grad=False`, so no gradient and no optimizer state. Weight decay:
+the ViT's is `train.weight_decay * lr_mult` by default (`model.vision.decay_with_lr_mult`; the
+paper is silent): it then decays by the same fraction per unit of update as the decoder, instead
+of 1/lr_mult times faster. `model.vision.init_from` loads a Hugging Face CLIP / SigLIP vision tower
+(pretrain/models/vision_hf.py).
 
 Accounting: `N_v` = the encoder's parameters (projection included), `N` = everything else; the
 paper's training FLOPs are `6 (N_v D_v + N D)` (pretrain/accounting.py).
@@ -42,9 +47,14 @@ def build_late_fusion(cfg: ModelConfig) -> LateFusionDecoder:
     # Tag the ViT's parameters with their learning-rate multiplier; optimizer groups read it. The
     # projection into the decoder is the connector, not the encoder: it trains at the decoder's
     # rate (with a frozen encoder, the paper's Table 7 setting, it is what still learns).
+    # lr_mult=0 freezes the encoder: no gradient is computed for it and the optimizer holds no
+    # state for it (pretrain/optim.py leaves frozen parameters out of its groups).
+    v = cfg.vision
     for name, p in encoder.named_parameters():
         if not name.startswith("proj."):
-            p.lr_mult = cfg.vision.lr_mult
+            p.lr_mult = v.lr_mult
+            p.wd_mult = v.lr_mult if v.decay_with_lr_mult else 1.0
+            p.requires_grad_(v.lr_mult > 0)
     return LateFusionDecoder(cfg, encoder, lambda layer: SwiGLU(cfg.width, cfg.ffn_hidden_size))
 
 
