@@ -95,13 +95,15 @@ def _block_params(cfg: ModelConfig) -> tuple[int, int]:
 
 
 def vision_param_count(cfg: ModelConfig) -> int:
-    """N_v of late fusion (pretrain/models/vision.py): patch embedding (no bias), position table,
-    ln_pre, blocks (LayerNorms, biased qkv/out/fc1/fc2), ln_post, projection (with bias)."""
+    """N_v of late fusion (pretrain/models/vision.py): patch embedding (no bias), position table
+    (+1 row and the class embedding with a class token), ln_pre (unless vision.pre_norm=false),
+    blocks (LayerNorms, biased qkv/out/fc1/fc2), ln_post, projection (with bias)."""
     if cfg.kind != "late":
         return 0
     v, f = cfg.vision.width, _vit_ffn_hidden(cfg)
     block = 4 * v * v + 2 * v * f + 9 * v + f
-    return (cfg.patch_dim * v + cfg.patches_per_image * v + 2 * v
+    stem = (cfg.patches_per_image + 2 * cfg.vision.class_token) * v + 2 * v * cfg.vision.pre_norm
+    return (cfg.patch_dim * v + stem
             + cfg.vision.depth * block + 2 * v + v * cfg.width + cfg.width)
 
 

@@ -126,6 +126,12 @@ class RunConfig:
             if ep < 1 or (world_size is not None and world_size % ep):
                 raise ConfigError(f"model.moe.expert_parallel_size={ep} must be >= 1 and divide the "
                                   f"world size {world_size}")
+        if self.model.kind == "late" and self.model.vision.init_from:
+            from pretrain.models.vision_hf import check_config
+            try:  # the pretrained tower's architecture, before any process starts
+                check_config(self.model)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if self.run.wandb_mode not in ("offline", "online", "disabled"):
             raise ConfigError(f"run.wandb_mode must be offline, online or disabled, got {self.run.wandb_mode!r}")
         for section, prefix in ((self.model, "model"), (self.data, "data")):

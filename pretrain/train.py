@@ -235,6 +235,11 @@ def train(cfg: RunConfig) -> dict:
         from pretrain.models.moe_parallel import create_expert_parallel_group
         expert_group = create_expert_parallel_group(cfg.model.moe.expert_parallel_size)
     model = build_model(cfg.model, expert_group=expert_group)
+    if cfg.model.vision.init_from:  # a pretrained CLIP / SigLIP vision tower (late fusion)
+        from pretrain.models.vision_hf import load_hf_vision
+        report = load_hf_vision(model.image_embedder, cfg.model.vision.init_from)
+        if rank == 0:
+            print(f"[train] model.vision.init_from: {report.summary()}", flush=True)
     counts = param_counts(cfg.model)
     t = cfg.train
     opt_groups = param_groups(model, t.lr, t.weight_decay)
