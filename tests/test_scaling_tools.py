@@ -15,7 +15,7 @@ import yaml
 from pretrain.scaling.law import ScalingLaw
 from pretrain.scaling.presets import get_preset
 from pretrain.scaling.runs import collect_runs, read_runs_csv
-from pretrain.scaling.sweep import SweepConfig, parse_amount, plan_sweep, warmup_steps
+from pretrain.scaling.sweep import SweepConfig, parse_amount, plan_sweep, warmup_plan, warmup_steps, write_sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,8 +33,14 @@ def test_warmup_rules_follow_the_paper():
     assert warmup_steps(40000) == 5000 and warmup_steps(300000) == 5000
     assert warmup_steps(10000, "moe") == 2500 and warmup_steps(19999, "moe") == 2500
     assert warmup_steps(20000, "moe") == 5000
-    assert warmup_steps(1192) == 953            # never into the last 20% (the cool-down)
     assert warmup_steps(50) == 5                 # demo runs: 10%
+    # A 2.5B-token run (1,192 steps): the paper's 1k, overlapping the cool-down (last 20%)...
+    assert warmup_plan(1192) == (1000, "paper (overlaps the cool-down)")
+    assert warmup_plan(3000, "moe") == (2500, "paper (overlaps the cool-down)")
+    # ...but a warm-up as long as the run cannot be followed: it ends where the cool-down starts.
+    w, note = warmup_plan(1192, "moe")
+    assert w == int(0.8 * 1192) and note.startswith("deviation")
+    assert warmup_plan(50)[1].startswith("below the paper's range") and warmup_plan(2000)[1] == "paper"
     assert parse_amount("2.5B") == 2.5e9 and parse_amount("3e19") == 3e19 and parse_amount("600M") == 6e8
 
 
@@ -64,6 +70,11 @@ def test_demo_sweep_with_base_config_and_widths():
     r = runs[1]
     assert r.config == "pretrain/configs/demo.yaml" and r.steps == 40 and r.warmup_steps == 4
     assert r.overrides["model"]["width"] == 128 and "lr" not in r.overrides["train"]
+    # The manifest gives the base config's learning rate (not nan) and every run its own name.
+    with open(os.path.join(ROOT, "pretrain/configs/demo.yaml")) as f:
+        assert r.lr == yaml.safe_load(f)["train"]["lr"]
+    assert [x.overrides["run"]["name"] for x in runs] == [x.name for x in runs]
+    assert all(f"run.name={x.name}" in shlex.split(x.command) for x in runs)
     # Without --params, N comes from the repo's accounting of the base config at that width.
     from pretrain.accounting import param_counts
     from pretrain.config import load_config
@@ -158,5 +169,9 @@ def test_sweep_collect_fit_end_to_end(tmp_path):
     assert abs(fit["fits"]["early"]["caption"]["E"] - (fit["E"] - 0.3)) < 0.25
     report = open(out / "report.md").read()
     assert "Table 2" in report and "| early fusion | avg |" in report
-    for png in ("loss_vs_flops.png", "observed_vs_predicted.png", "optimal_vs_compute.png"):
+    for png in ("loss_vs_flops.png", "observed_vs_predicted.png", "optimal_vs_compute.png", "frontiers.png",
+                "loss_vs_flops_caption.png"):  # Figure 1 top; Figures 27/28 per source
         assert (out / png).stat().st_size > 10_000
+    # Five presets span 275M-2.28B, under a decade: the fit says so rather than staying silent.
+    assert "## Warnings" in report and "model sizes N span 8.3x" in report
+    assert any("model sizes N span" in w for w in fit["fits"]["early"]["avg"]["warnings"])

@@ -58,6 +58,9 @@ def main(argv=None):
     print(f"{p.kind}/{p.target}: E={c['E']:.4f} A={c['A']:.2f} B={c['B']:.2f} alpha={c['alpha']:.4f} "
           f"beta={c['beta']:.4f} a={c['a']:.4f} b={c['b']:.4f} d={c['d']:.4f} "
           f"c={'n/a' if c['c'] is None else format(c['c'], '.4f')} (fit {p.fit['seconds']:.2f} s)")
+    for r in analysis.results:
+        for w in r.warnings:
+            print(f"WARNING {r.kind}/{r.target}: {w}", file=sys.stderr)
     print(f"wrote {paths['fit_json']}, {paths['report']}, {len(paths['plots'])} plots "
           f"in {time.perf_counter() - t0:.1f} s")
 

@@ -59,6 +59,8 @@ def main(argv=None):
         print(f"warning: config {m} does not exist (yet)", file=sys.stderr)
     for r in runs:
         print(f"{r.name}: N={r.N:.3g} D={r.D:.3g} C={r.C:.3g} steps={r.steps} warmup={r.warmup_steps} lr={r.lr:g}")
+        if r.warmup_note.startswith("deviation"):
+            print(f"warning: {r.name}: warm-up {r.warmup_steps} ({r.warmup_note})", file=sys.stderr)
     print(f"{len(runs)} runs -> {paths['commands']}, {paths['manifest_csv']}")
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from .bootstrap import bootstrap
 from .derived import LateFusionFlops, closed_form, regression
+from .diagnostics import fit_warnings
 from .fit import FitConfig, fit_scaling_law
 from .hull import DEFAULT_MIN_FLOPS, fit_hull_exponent
 from .runs import column
@@ -58,6 +59,7 @@ class TargetResult:
     extrapolation: dict | None = None
     sparse: dict | None = None
     notes: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)  # degenerate / weakly identified fit (diagnostics.py)
 
     def coefficients(self) -> dict:
         """The Table 2 row: E, A, B, alpha, beta; a, b, d, n, dn (regression); c, K_c."""
@@ -129,6 +131,9 @@ def analyse_target(rows: list[dict], kind: str, target: str, cfg: AnalysisConfig
             result.bootstrap = bs.to_dict()
         except ValueError as e:
             notes.append(f"bootstrap skipped: {e}")
+    result.warnings = fit_warnings(N, D, law.to_dict(), cfg.fit, result.bootstrap)
+    for w in result.warnings:
+        log(f"WARNING {kind}/{target}: {w}")
     if cfg.holdout:
         try:
             log(f"{kind}/{target}: held-out extrapolation")

@@ -6,6 +6,9 @@
 * `observed_vs_predicted.png` (Figure 23): each run's loss against Eq. 1's prediction.
 * `optimal_vs_compute.png` (Figure 1, bottom): `N_opt` and `D_opt` against compute, every kind
   on the same axes, with the regression exponents in the legend.
+* `frontiers.png` (Figure 1, top): the compute frontiers of every kind on one axis.
+* `loss_vs_flops_<source>.png` (Figures 27/28): as `loss_vs_flops.png` for each per-source target
+  (caption, interleaved, text) that was fitted.
 
     from pretrain.scaling.plots import plot_all
     plot_all(analysis, "out/")
@@ -59,12 +62,28 @@ def _draw_runs(fig, ax, N, X, Y, joined: bool, loc: str = "upper right"):
         fig.colorbar(sc, ax=ax, label="log10 params")
 
 
+def loss_tick_labels(lo: float, hi: float, n: int = 6) -> tuple[list[float], list[str]]:
+    """Ticks and labels for a loss axis over [lo, hi] (usually well under a decade): at least two
+    ticks, and as many decimals as it takes for neighbouring labels to differ (a range such as
+    1.501-1.515 would otherwise print "1.50" several times)."""
+    if not hi > lo:
+        lo, hi = lo * 0.99, hi * 1.01 + 1e-12
+    ticks = matplotlib.ticker.MaxNLocator(n).tick_values(lo, hi)
+    ticks = [float(t) for t in ticks if lo * 0.98 <= t <= hi * 1.02]
+    if len(ticks) < 2:
+        ticks = [lo, hi]
+    step = min(b - a for a, b in zip(ticks, ticks[1:]))
+    digits = max(2, int(np.ceil(-np.log10(step))) if step > 0 else 2)
+    while len({f"{t:.{digits}f}" for t in ticks}) < len(ticks) and digits < 12:
+        digits += 1
+    return ticks, [f"{t:.{digits}f}" for t in ticks]
+
+
 def _loss_ticks(ax, L):
-    """Readable ticks on a log loss axis (its range is usually well under a decade)."""
-    ticks = matplotlib.ticker.MaxNLocator(6).tick_values(L.min(), L.max())
-    ticks = ticks[(ticks >= L.min() * 0.98) & (ticks <= L.max() * 1.02)]
+    """Readable ticks on a log loss axis."""
+    ticks, labels = loss_tick_labels(float(np.min(L)), float(np.max(L)))
     ax.yaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
-    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2f"))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FixedFormatter(labels))
     ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
 
 
@@ -170,21 +189,67 @@ def plot_optimal_vs_compute(analysis, path: str, target: str = "avg") -> str | N
         ax_n.plot(Cs[ok], Nopt[ok], "-", color=color, label=f"{name}: N* ∝ C^{reg['a']:.3f}")
         ax_d.plot(Cs[ok], Dopt[ok], "-", color=color, label=f"{name}: D* ∝ C^{reg['b']:.3f}")
     for ax, what in ((ax_n, "compute-optimal parameters N*"), (ax_d, "compute-optimal tokens D*")):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("training FLOPs C")
-        ax.set_ylabel(what)
-        ax.grid(True, which="major", alpha=0.3)
+        _log_axes(ax, what)
         ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _log_axes(ax, ylabel: str) -> None:
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training FLOPs C")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def _save(fig, path: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
 
 
+def plot_frontiers(analysis, path: str, target: str = "avg") -> str | None:
+    """Figure 1 (top): every kind's compute frontier on one axis -- its runs (faint), the hull
+    power law `L = K C^c` where it was fitted, else Eq. 1's compute-optimal loss (dashed)."""
+    kinds = [k for k in analysis.rows if analysis.get(k, target)]
+    if not kinds:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    L_all = []
+    for i, kind in enumerate(kinds):
+        res, rows = analysis.get(kind, target), analysis.rows[kind]
+        color, name = plt.get_cmap("tab10")(i), KIND_LABEL.get(kind, kind)
+        N, D, C = _runs_C(rows)
+        L = column(rows, "loss" if target == "avg" else f"loss_{target}")
+        L_all.append(L)
+        ax.plot(C, L, "o", color=color, ms=3, alpha=0.35)
+        if res.hull:
+            h = res.hull
+            Cf = np.geomspace(h["C_min"], h["C_max"], 100)
+            ax.plot(Cf, h["K"] * Cf ** h["c"], "-", color=color, lw=2, label=f"{name}: L = {h['K']:.3g} C^{h['c']:.4f}")
+        else:
+            law = _law(res)
+            Cs = np.geomspace(C.min(), C.max(), 100)
+            Nopt, Dopt, _ = optimal_by_scan(law, Cs, late=_late(rows))
+            ok = Nopt > 0
+            ax.plot(Cs[ok], law.predict(Nopt[ok], Dopt[ok]), "--", color=color, lw=1.5,
+                    label=f"{name}: Eq. 1 compute-optimal (no hull fit)")
+    _log_axes(ax, f"validation loss ({target})")
+    _loss_ticks(ax, np.concatenate(L_all))
+    ax.set_title("compute frontiers")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def plot_all(analysis, out_dir: str) -> list[str]:
+    """The figures above for the `avg` target, plus `loss_vs_flops_<source>.png` for every other
+    fitted target (the paper's Figures 27/28: caption, interleaved, text) and `frontiers.png`."""
     os.makedirs(out_dir, exist_ok=True)
     paths = [plot_loss_vs_flops(analysis, os.path.join(out_dir, "loss_vs_flops.png")),
              plot_observed_vs_predicted(analysis, os.path.join(out_dir, "observed_vs_predicted.png")),
-             plot_optimal_vs_compute(analysis, os.path.join(out_dir, "optimal_vs_compute.png"))]
+             plot_optimal_vs_compute(analysis, os.path.join(out_dir, "optimal_vs_compute.png")),
+             plot_frontiers(analysis, os.path.join(out_dir, "frontiers.png"))]
+    for target in dict.fromkeys(r.target for r in analysis.results if r.target != "avg"):
+        paths.append(plot_loss_vs_flops(analysis, os.path.join(out_dir, f"loss_vs_flops_{target}.png"), target))
     return [p for p in paths if p]

@@ -36,7 +36,7 @@ def _result_dict(r) -> dict:
     d.update({"kind": r.kind, "target": r.target, "n_runs": r.n_runs, "objective": r.fit["objective"],
               "fit_seconds": r.fit["seconds"], "closed_form": r.closed_form, "regression": r.regression,
               "hull": r.hull, "held_in": r.held_in, "bootstrap": r.bootstrap, "extrapolation": r.extrapolation,
-              "sparse": r.sparse, "notes": r.notes})
+              "sparse": r.sparse, "notes": r.notes, "warnings": r.warnings})
     return d
 
 
@@ -67,6 +67,11 @@ def report_markdown(analysis, plots: list[str]) -> str:
              f"{analysis.config.fit.grid().shape[0]} starts, best kept). `a, b, d` by regression over the "
              "compute-optimal scan (appendix C.2); `c` from the lower convex hull above "
              f"{analysis.config.min_flops:.3g} FLOPs.")
+    warned = [(r, w) for r in analysis.results for w in r.warnings]
+    if warned:
+        L += ["", "## Warnings", "", "**Some fits below are degenerate or weakly identified; read their "
+              "coefficients as such** (pretrain/scaling/diagnostics.py):", ""]
+        L += [f"- {KIND_LABEL.get(r.kind, r.kind)} / {r.target}: {w}" for r, w in warned]
     L += ["", "## Table 2: scaling laws", "",
           "| Model | Data | runs | E | α | β | a | b | c | d |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in analysis.results:

@@ -4,9 +4,11 @@ optimisation rules (appendix A, Table 6).
 Per run: steps = D / (global_batch_size * seq_len) (rounded, at least 1; the run's real D is
 steps * batch * seq_len); the preset's learning rate; warm-up 1k steps for runs under 5k steps,
 2.5k for 5k-15k, 5k beyond (the paper: "1k and 2.5k for 1k-4k and 5k-15k steps, at most 5k"),
-and for the MoE 2.5k for every run under 20k steps (5k beyond); runs shorter than 1k steps (demo
-sweeps, outside the paper's range) warm up for 10% of their steps. Warm-up never reaches into the
-cool-down, the last 20% of training (`cooldown_fraction`). A FLOP budget C gives D = C / (6 N)
+and for the MoE 2.5k for every run under 20k steps (5k beyond), also where it overlaps the
+cool-down (the last 20%). Where the paper's warm-up is as long as the run itself (MoE runs under
+2.5k steps) it cannot be followed: the warm-up then ends where the cool-down starts, and the
+manifest's `warmup_note` column and a printed warning say so. Runs shorter than 1k steps (demo
+sweeps, outside the paper's range) warm up for 10% of their steps. A FLOP budget C gives D = C / (6 N)
 (late fusion: C = 6 (N D + N_v rho D), rho = D_v / D = 0.544).
 
 Demo sweeps: with `base_config` (e.g. the CPU demo YAML) and `widths`, model sizes are
@@ -35,19 +37,37 @@ from .presets import (LATE_FUSION_DV_RATIO, PAPER_BATCH_SIZE, PAPER_COOLDOWN_FRA
                       get_preset)
 
 
-def warmup_steps(steps: int, kind: str = "early", cooldown_fraction: float = PAPER_COOLDOWN_FRACTION) -> int:
-    """The paper's warm-up rule (module docstring), clipped to end before the cool-down."""
+def paper_warmup(steps: int, kind: str = "early") -> int | None:
+    """The paper's warm-up for a run of `steps` (appendix A); None below its 1k-step range."""
     if steps < 1000:
-        w = max(1, round(0.1 * steps))
-    elif kind == "moe":
-        w = 2500 if steps < 20000 else 5000
-    elif steps < 5000:
-        w = 1000
-    elif steps <= 15000:
-        w = 2500
-    else:
-        w = 5000
-    return int(max(0, min(w, int((1.0 - cooldown_fraction) * steps))))
+        return None
+    if kind == "moe":
+        return 2500 if steps < 20000 else 5000
+    return 1000 if steps < 5000 else (2500 if steps <= 15000 else 5000)
+
+
+def warmup_plan(steps: int, kind: str = "early",
+                cooldown_fraction: float = PAPER_COOLDOWN_FRACTION) -> tuple[int, str]:
+    """(warm-up steps, note): the paper's rule wherever it fits in the run, else a visible deviation.
+
+    - paper: its value, also when it overlaps the cool-down (the schedule then takes the smaller
+      of the two multipliers; a 1,192-step run warms up for 1k steps, as in the paper);
+    - deviation when the paper's warm-up is not shorter than the run (MoE runs under 2.5k steps):
+      the warm-up ends where the cool-down starts, so the peak learning rate is reached once;
+    - runs under 1k steps (demo sweeps; the paper has no rule): 10% of the steps."""
+    w = paper_warmup(steps, kind)
+    if w is None:
+        return max(1, round(0.1 * steps)), "below the paper's range: 10% of steps"
+    if w < steps:
+        overlap = w > steps - int(round(cooldown_fraction * steps))
+        return w, "paper (overlaps the cool-down)" if overlap else "paper"
+    clipped = max(1, int((1.0 - cooldown_fraction) * steps))
+    return clipped, f"deviation: paper's {w} >= {steps} steps; ends at the cool-down"
+
+
+def warmup_steps(steps: int, kind: str = "early", cooldown_fraction: float = PAPER_COOLDOWN_FRACTION) -> int:
+    """The warm-up of `warmup_plan`."""
+    return warmup_plan(steps, kind, cooldown_fraction)[0]
 
 
 _SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
@@ -103,6 +123,7 @@ class SweepRun:
     C: float             # FLOPs, 6 N D (+ 6 N_v D_v for late fusion)
     steps: int
     warmup_steps: int
+    warmup_note: str     # paper | paper (overlaps the cool-down) | deviation: ... | below the paper's range
     lr: float
     cooldown_fraction: float
     global_batch_size: int
@@ -151,6 +172,17 @@ def _counted_params(cfg: SweepConfig, width: int) -> tuple[float, float]:
     return float(counts.decoder_params), float(counts.vision_params)
 
 
+def _base_lr(config: str, extra: list) -> float:
+    """The learning rate a run of `config` trains with (nan only if the config does not exist yet,
+    which tools/sweep.py reports)."""
+    from pretrain.config import load_config
+
+    if not os.path.isfile(config):
+        return float("nan")
+    train = [e for e in extra if e.split("=", 1)[0].strip() == "train.lr"]
+    return float(load_config(config, train).train.lr)
+
+
 def _sizes(cfg: SweepConfig):
     """(preset-like, N, N_v, model overrides) per model size of the sweep."""
     if cfg.widths:
@@ -194,8 +226,9 @@ def plan_sweep(cfg: SweepConfig) -> list[SweepRun]:
             name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{cfg.kind}_{p.name}_{label}")
             run_dir = os.path.join(cfg.runs_root, cfg.name, name)
             lr = cfg.lr if cfg.lr is not None else p.lr
-            w = warmup_steps(steps, cfg.kind, cfg.cooldown_fraction)
-            flat = {"run.dir": run_dir, **size_overrides, "train.max_steps": steps, "train.warmup_steps": w}
+            w, w_note = warmup_plan(steps, cfg.kind, cfg.cooldown_fraction)
+            flat = {"run.name": name, "run.dir": run_dir, **size_overrides, "train.max_steps": steps,
+                    "train.warmup_steps": w}
             if lr is not None:        # widths without --lr: keep the base config's
                 flat["train.lr"] = lr
             flat.update({"train.cooldown_fraction": cfg.cooldown_fraction,
@@ -209,11 +242,12 @@ def plan_sweep(cfg: SweepConfig) -> list[SweepRun]:
             for k, v in flat.items():
                 _set_nested(nested, k, v)
             config = cfg.base_config or p.config_path(cfg.config_dir)
-            lr = float("nan") if lr is None else lr
+            if lr is None:  # widths without --lr: the base config's (with --set overrides)
+                lr = _base_lr(config, cfg.extra)
             command = f"CONFIG={shlex.quote(config)} ./launch.sh " + " ".join(
                 shlex.quote(f"{k}={_format_value(v)}") for k, v in flat.items())
             runs.append(SweepRun(name=name, kind=cfg.kind, preset=p.name, config=config, run_dir=run_dir, N=N,
-                                 N_v=N_v, D=D, C=C, steps=steps, warmup_steps=w, lr=lr,
+                                 N_v=N_v, D=D, C=C, steps=steps, warmup_steps=w, warmup_note=w_note, lr=lr,
                                  cooldown_fraction=cfg.cooldown_fraction,
                                  global_batch_size=cfg.global_batch_size, seq_len=cfg.seq_len,
                                  overrides=nested, command=command))
@@ -221,7 +255,7 @@ def plan_sweep(cfg: SweepConfig) -> list[SweepRun]:
 
 
 MANIFEST_FIELDS = ("name", "kind", "preset", "config", "run_dir", "N", "N_v", "D", "C", "steps",
-                   "warmup_steps", "lr", "cooldown_fraction", "global_batch_size", "seq_len")
+                   "warmup_steps", "warmup_note", "lr", "cooldown_fraction", "global_batch_size", "seq_len")
 
 
 def write_sweep(runs: list[SweepRun], out_dir: str) -> dict:
