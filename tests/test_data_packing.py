@@ -143,14 +143,40 @@ def test_packing_invariants(seed, best_fit):
             gaps.append(expected[d][pos:])
     key = lambda seg: [(k, v.sum().item() if k == "p" else v) for k, v in seg]  # noqa: E731
     assert sorted(map(str, map(key, gaps))) == sorted(map(str, map(key, orphans)))
-    # Labels by brute force from the definition in DESIGN.md.
+    _check_labels(batch, cfg.image_marker_targets)
+    if not best_fit:
+        assert B >= len(docs)
+
+
+def _check_labels(batch, marker_targets: str) -> None:
+    """Labels by brute force from the batch contract's definition and data.image_marker_targets."""
+    excluded = {"none": {TOK.boi_id, TOK.eoi_id}, "boi": {TOK.eoi_id}, "both": set()}[marker_targets]
+    B, T = batch.shape
     for b in range(B):
         for t in range(T):
             nxt_same = t + 1 < T and batch.doc_ids[b, t + 1] == batch.doc_ids[b, t]
-            want = int(batch.tokens[b, t + 1]) if nxt_same and not bool(batch.is_patch[b, t + 1]) else IGNORE_INDEX
-            assert int(batch.labels[b, t]) == want, (b, t)
-    if not best_fit:
-        assert B >= len(docs)
+            text = nxt_same and not bool(batch.is_patch[b, t + 1])
+            want = int(batch.tokens[b, t + 1]) if text and int(batch.tokens[b, t + 1]) not in excluded else IGNORE_INDEX
+            assert int(batch.labels[b, t]) == want, (marker_targets, b, t)
+
+
+@pytest.mark.parametrize("marker_targets", ["none", "boi", "both"])
+def test_image_marker_targets_option(marker_targets):
+    """Only targets that are markers change with data.image_marker_targets; caption and
+    interleaved documents, several images, a split document."""
+    cfg = DataConfig(seq_len=24, image_size=16, patch_size=8, image_marker_targets=marker_targets)
+    img = torch.zeros((3, 16, 16), dtype=torch.uint8)
+    docs = [Document("caption", [img, list(range(100, 104))]),
+            Document("interleaved", [list(range(200, 203)), img, list(range(300, 302)), img, [7]]),
+            Document("interleaved", [[9] * 20, img, [8]])]
+    batch = pack_documents(docs, cfg, TOK, best_fit=False)
+    _check_labels(batch, marker_targets)
+    cfg.image_marker_targets = "both"
+    every = pack_documents(docs, cfg, TOK, best_fit=False)
+    assert torch.equal(batch.tokens, every.tokens)
+    changed = batch.labels != every.labels
+    assert set(every.labels[changed].tolist()) <= {TOK.boi_id, TOK.eoi_id}  # only marker targets differ
+    assert bool(changed.any()) == (marker_targets != "both")
 
 
 def test_split_never_inside_image_and_fits():
@@ -173,7 +199,8 @@ def test_pack_documents_strings_and_min_rows():
     assert batch.shape == (3, 32)
     row = batch.tokens[0, :10].tolist()
     assert row[:2] == [TOK.bos_id, TOK.boi_id] and row[6:10] == [TOK.eoi_id, 1000 + ord("a"), 1000 + ord("b"), TOK.eos_id]
-    assert batch.labels[0, 5].item() == TOK.eoi_id  # last patch predicts <eoi> (a text token)
+    assert batch.labels[0, 5].item() == IGNORE_INDEX  # <eoi> is no target (data.image_marker_targets=none)
+    assert batch.labels[0, 0].item() == IGNORE_INDEX  # nor is <boi>
     assert batch.labels[0, 1].item() == IGNORE_INDEX  # <boi> is followed by a patch
     assert (batch.labels[1:] == IGNORE_INDEX).all()  # all-padding rows carry no loss
     assert batch.doc_ids[2].tolist() == list(range(32))

@@ -59,6 +59,12 @@ class DataConfig:
     # Smallest room (and smallest head) worth a cut; smaller rooms stay padding.
     cut_min_tokens: int = 16
 
+    # Which image markers are loss targets (pretrain/data/packing.py `MARKER_TARGETS`): "none"
+    # (default: images are inputs only, every target is real text), "boi" (also predict where an
+    # image starts), "both" (also <eoi>, which the fixed patch count fully determines; this
+    # repo's behaviour before the option existed).
+    image_marker_targets: str = "none"
+
     # Training data: "documents" (ingest shards under root, packed online) or "packed_rows" (rows
     # fixed offline by tools/pack_shards.py, read from rows_root; root still gives the val
     # documents and the tokenizer).
@@ -103,6 +109,9 @@ class DataConfig:
         if self.seq_len < self.n_patches + 4:
             raise ValueError(f"DataConfig.seq_len: {self.seq_len} cannot hold one image "
                              f"({self.n_patches} patches + markers + BOS/EOS)")
+        if self.image_marker_targets not in ("none", "boi", "both"):
+            raise ValueError(f"DataConfig.image_marker_targets: {self.image_marker_targets!r}, expected "
+                             f"'none', 'boi' or 'both'")
         if self.format not in ("documents", "packed_rows"):
             raise ValueError(f"DataConfig.format: {self.format!r}, expected 'documents' or 'packed_rows'")
         if self.format == "packed_rows" and not self.rows_root:

@@ -346,7 +346,8 @@ class TrainLoader:
     def build_rows(self, row_sources: list[int], rows: list[list[Piece]]) -> PackedBatch:
         """Planned rows (from `next_row`/`plan_next`) -> a PackedBatch, their images decoded."""
         rows = materialise_rows(rows, lambda ph: decode_image(ph, self.cfg), self.pool)
-        return build_batch(rows, row_sources, self.cfg.seq_len, self.ids, self.cfg.patch_dim)
+        return build_batch(rows, row_sources, self.cfg.seq_len, self.ids, self.cfg.patch_dim,
+                           self.cfg.image_marker_targets)
 
     def close(self) -> None:
         """Stop decode threads and close shard files (the loader is unusable afterwards)."""
@@ -500,7 +501,8 @@ def build_eval_batches(cfg: DataConfig, source: str, *, rank: int, world_size: i
     batches = []
     for b in range(n_batches):
         rows = real_rows[b * micro_batch_size:(b + 1) * micro_batch_size]
-        batches.append(build_batch(rows, [s_idx] * len(rows), cfg.seq_len, ids, cfg.patch_dim))
+        batches.append(build_batch(rows, [s_idx] * len(rows), cfg.seq_len, ids, cfg.patch_dim,
+                                   cfg.image_marker_targets))
     for r in readers:
         r.close()
     return batches

@@ -287,9 +287,27 @@ class BestFitPacker:
         return row
 
 
+MARKER_TARGETS = ("none", "boi", "both")
+
+
 def build_batch(rows: list[list[Piece]], row_sources: list[int], seq_len: int, ids: SpecialIds,
-                patch_dim: int) -> PackedBatch:
-    """Lay packed rows out as a PackedBatch (all fields as DESIGN.md defines them)."""
+                patch_dim: int, marker_targets: str = "none") -> PackedBatch:
+    """Lay packed rows out as a PackedBatch (all fields as the batch contract defines them).
+
+    `marker_targets` (`data.image_marker_targets`) says which image markers are targets:
+    - "none" (default): no target is a marker. Images are inputs only, as in Fuyu / LLaVA-style
+      training where the loss covers text alone; the caption loss is the loss of the caption
+      given its image, comparable with the paper's "cross-entropy on image-caption data" read
+      as a text loss (the paper does not say how it treats markers).
+    - "boi": the token before an image also predicts `<boi>` (where an image starts is a real
+      prediction in interleaved documents; in caption documents it always follows BOS).
+    - "both": also `<eoi>` at the last patch. The fixed patch count determines it completely:
+      a free target (2 of 15 targets of a 12-token caption were markers), which lowers the
+      reported caption loss. Chameleon-style models, which generate images, do train on their
+      markers (and on the image tokens themselves); a model that emits text only has no use for
+      them."""
+    if marker_targets not in MARKER_TARGETS:
+        raise ValueError(f"build_batch: marker_targets={marker_targets!r}, expected one of {MARKER_TARGETS}")
     B, T = len(rows), seq_len
     tokens_BT = np.full((B, T), ids.pad, dtype=np.int64)
     is_patch_BT = np.zeros((B, T), dtype=np.bool_)
@@ -331,9 +349,14 @@ def build_batch(rows: list[list[Piece]], row_sources: list[int], seq_len: int, i
         n_docs = len(row)
         doc_ids_BT[b, t:] = arange_T[:T - t] + n_docs
         source_ids_BT[b, t:] = row_sources[b]
-    # labels[i] = tokens[i+1] iff token i+1 is a text token of the same document.
+    # labels[i] = tokens[i+1] iff token i+1 is a text token of the same document (and not a
+    # marker that `marker_targets` excludes).
     labels_BT = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
     keep_BT = (doc_ids_BT[:, 1:] == doc_ids_BT[:, :-1]) & ~is_patch_BT[:, 1:]
+    if marker_targets != "both":
+        keep_BT &= tokens_BT[:, 1:] != ids.eoi
+    if marker_targets == "none":
+        keep_BT &= tokens_BT[:, 1:] != ids.boi
     labels_BT[:, :-1] = np.where(keep_BT, tokens_BT[:, 1:], IGNORE_INDEX)
     # numpy, not torch.cat: no intra-op thread pool for a copy (see images.patchify).
     patches_PD = torch.from_numpy(np.concatenate([p.numpy() for p in patches], 0)) if patches \
@@ -388,4 +411,4 @@ def pack_documents(docs: list[Document], cfg: DataConfig, tokenizer, *, best_fit
     while len(rows) < min_rows:
         rows.append([])  # an empty row is all padding
     row_sources = [r[0].source_idx if r else 0 for r in rows]
-    return build_batch(rows, row_sources, cfg.seq_len, ids, cfg.patch_dim)
+    return build_batch(rows, row_sources, cfg.seq_len, ids, cfg.patch_dim, cfg.image_marker_targets)

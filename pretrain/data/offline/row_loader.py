@@ -253,7 +253,8 @@ class RowLoader:
             rows.append(pieces)
             self.last_keys.append(keys)
         self.step += 1
-        batch = build_batch(rows, srcs, self.cfg.seq_len, self.ids, self.cfg.patch_dim)
+        batch = build_batch(rows, srcs, self.cfg.seq_len, self.ids, self.cfg.patch_dim,
+                            self.cfg.image_marker_targets)
         self.last_stats = batch_stats(batch, self.cfg.sources, self.ids.pad)
         return batch
 
