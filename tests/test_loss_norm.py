@@ -1,5 +1,5 @@
 """Global loss normalisation (pretrain/loss_norm.py): one optimizer step over 4 micro-batches on 2
-DeepSpeed ranks (2 ranks x 2 accumulation steps, ZeRO-2, fp32) gives the gradients of one plain
+DeepSpeed ranks (2 ranks x 2 accumulation steps, ZeRO-2 and ZeRO-3, fp32) gives the gradients of one plain
 autograd step over the same rows as a single batch on one process.
 
 The micro-batches hold very different numbers of text targets (one has none), so a mean of
@@ -25,9 +25,12 @@ WORLD, GAS, MICRO, SEQ = 2, 2, 2, 24
 PATCH_DIM = 3 * 2 * 2
 # Targets per micro-batch (rank, micro): deliberately unequal, one micro-batch without any.
 KEEP = {(0, 0): 40, (0, 1): 3, (1, 0): 0, (1, 1): 25}
+# (name, model kind, ZeRO stage): ZeRO-3 partitions the parameters too; the MoE runs at expert
+# parallelism 2 (expert gradients reduced over the expert-data-parallel group).
+SCENARIOS = [("early_z2", "early", 2), ("early_z3", "early", 3), ("moe_z2", "moe", 2)]
 
 
-def _cfg(kind: str):
+def _cfg(kind: str, zero: int = 2):
     from pretrain.config import RunConfig
     from pretrain.models.config import ModelConfig, MoEConfig
 
@@ -38,7 +41,7 @@ def _cfg(kind: str):
                                           expert_parallel_size=2 if kind == "moe" else 1))
     cfg.data.patch_size, cfg.data.image_size = 2, 4
     t = cfg.train
-    t.zero_stage, t.micro_batch_size, t.global_batch_size = 2, MICRO, MICRO * GAS * WORLD
+    t.zero_stage, t.micro_batch_size, t.global_batch_size = zero, MICRO, MICRO * GAS * WORLD
     t.grad_clip, t.precision, t.lr, t.weight_decay = 1e9, "fp32", 1e-3, 0.0
     cfg.validate(WORLD)
     return cfg
@@ -101,15 +104,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     res = {}
-    for kind in ("early", "moe"):
-        engine = _engine(_cfg(kind))
+    for name, kind, zero in SCENARIOS:
+        engine = _engine(_cfg(kind, zero))
         meter = LossMeter(torch.device("cpu"))
         meter.add(forward_backward(engine, [_batch(rank, m) for m in range(GAS)], torch.device("cpu")))
         grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()
                  if not is_moe_param(p)}  # every rank's experts differ under EP=2: the norm covers them
         engine.step()
         loss, aux = meter.reduce()
-        res[kind] = {"grads": grads, "loss": loss, "aux": aux, "norm": float(engine.get_global_grad_norm())}
+        res[name] = {"grads": grads, "loss": loss, "aux": aux, "norm": float(engine.get_global_grad_norm())}
         del engine
     if rank == 0:
         torch.save(res, os.path.join(out_dir, "rank0.pt"))
@@ -152,9 +155,9 @@ def _reference(kind: str, micro_means: bool = False):
     return grads, norm, ce
 
 
-@pytest.mark.parametrize("kind", ["early", "moe"])
-def test_two_ranks_four_micro_batches_equal_one_batch(results, kind):
-    got = results[kind]
+@pytest.mark.parametrize("name,kind,zero", SCENARIOS)
+def test_two_ranks_four_micro_batches_equal_one_batch(results, name, kind, zero):
+    got = results[name]
     ref_grads, ref_norm, ref_ce = _reference(kind)
     assert got["grads"], "no gradients recorded"
     for name, g in got["grads"].items():
