@@ -173,5 +173,5 @@ def test_sweep_collect_fit_end_to_end(tmp_path):
                 "loss_vs_flops_caption.png"):  # Figure 1 top; Figures 27/28 per source
         assert (out / png).stat().st_size > 10_000
     # Five presets span 275M-2.28B, under a decade: the fit says so rather than staying silent.
-    assert "## Warnings" in report and "model sizes N span 8.3x" in report
+    assert "## Warnings" in report and "model sizes N span 8.29x" in report
     assert any("model sizes N span" in w for w in fit["fits"]["early"]["avg"]["warnings"])
