@@ -18,10 +18,10 @@ def build_model(cfg: ModelConfig, expert_group=None) -> MultimodalDecoder:
         from pretrain.models.late_fusion import build_late_fusion
         return build_late_fusion(cfg)
     if cfg.kind == "moe":
-        from pretrain.models.moe import build_moe
+        from pretrain.models.sparse_fusion import build_moe
         return build_moe(cfg, expert_group)
     if cfg.kind == "modality_aware":
-        from pretrain.models.moe import build_modality_aware
+        from pretrain.models.sparse_fusion import build_modality_aware
         return build_modality_aware(cfg)
     raise NotImplementedError(f"model.kind={cfg.kind!r} is not built yet")
 

@@ -49,8 +49,9 @@ from torch import nn
 
 from kernels.grouped_gemm import grouped_gemm
 from kernels.grouped_swiglu import grouped_swiglu
-from pretrain.models.config import ModelConfig, MoEConfig
-from pretrain.models.layers import PatchProjection, SwiGLU
+from pretrain.expert_scores import specialization_score
+from pretrain.models.config import MoEConfig
+from pretrain.models.layers import SwiGLU
 
 
 def _in_backward() -> bool:
@@ -315,7 +316,6 @@ def moe_metrics(model: nn.Module, reset: bool = True, all_reduce: bool = False,
     img_share_LE = counts_LE2[..., 1] / load_LE.clamp(min=1)
     ratio_L = load_LE.max(-1).values / load_LE.min(-1).values.clamp(min=1)
     # The paper's score, computed as the analysis tool does (experts without tokens left out).
-    from pretrain.scaling.specialization import specialization_score
     spec_L = specialization_score(counts_LE2.numpy())
     out = {
         "moe/balance_loss": float(bal_L.mean()),
@@ -330,28 +330,3 @@ def moe_metrics(model: nn.Module, reset: bool = True, all_reduce: bool = False,
             out[f"moe/l{l}/load_e{e}"] = float(frac_LE[l, e])
             out[f"moe/l{l}/image_share_e{e}"] = float(img_share_LE[l, e])
     return out
-
-
-def build_moe(cfg: ModelConfig, expert_group=None):
-    """Sparse early fusion: the early-fusion decoder with every FFN an `MoEFFN`.
-
-    With an expert group (training under DeepSpeed) the layers are the DeepSpeed-registered
-    subclass (moe_parallel.DeepSpeedMoEFFN) so the engine treats their experts as MoE params.
-    """
-    from pretrain.models.decoder import MultimodalDecoder
-    layer_cls = MoEFFN
-    if expert_group is not None:
-        from pretrain.models.moe_parallel import DeepSpeedMoEFFN
-        layer_cls = DeepSpeedMoEFFN
-    patch_proj = PatchProjection(cfg.patch_dim, cfg.width, cfg.init_std)
-    return MultimodalDecoder(cfg, patch_proj, lambda layer: layer_cls(
-        cfg.width, cfg.ffn_hidden_size, cfg.moe, cfg.init_std, cfg.depth, expert_group,
-        init=False))
-
-
-def build_modality_aware(cfg: ModelConfig):
-    """Modality-aware baseline: the early-fusion decoder with every FFN a `ModalityAwareFFN`."""
-    from pretrain.models.decoder import MultimodalDecoder
-    patch_proj = PatchProjection(cfg.patch_dim, cfg.width, cfg.init_std)
-    return MultimodalDecoder(cfg, patch_proj,
-                             lambda layer: ModalityAwareFFN(cfg.width, cfg.ffn_hidden_size))
