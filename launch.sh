@@ -7,9 +7,11 @@
 #   CONFIG=... HOSTFILE=hostfile ./launch.sh run.dir=runs/x -- --launcher slurm --ssh_port 2222
 #   CONFIG=... LAUNCHER=torchrun ./launch.sh run.dir=runs/x -- --nnodes 2 --node_rank 0 --master_addr n1
 #   sbatch tools/slurm/train.sbatch              # SLURM: srun, one task per GPU (LAUNCHER=srun)
+#   CONFIG=pretrain/configs/demo_moe.yaml ./launch.sh --print   # dry run: resolve, validate, start nothing
 #
 # Arguments: dotted config overrides (section.key=value); everything after `--` goes to the
-# launcher unchanged. Environment:
+# launcher unchanged. `--print` as the first argument: validate the config's values (not its data
+# files), print it resolved and the command, start nothing. Environment:
 #   CONFIG       YAML recipe (default pretrain/configs/demo.yaml)
 #   LAUNCHER     deepspeed (default) | torchrun | srun (inside a SLURM allocation)
 #   NGPUS        ranks per node (default: all visible GPUs; 2 on a machine without a GPU). With a
@@ -27,6 +29,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$ROOT"
 
 CONFIG="${CONFIG:-pretrain/configs/demo.yaml}"
+DRY_RUN=0
+if [ "${1:-}" = "--print" ]; then DRY_RUN=1; shift; fi
 PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
 # Single node: a free port, so two jobs on one machine never meet in one rendezvous.
 # Multi-node (HOSTFILE): every node must agree, so the fixed default 29500.
@@ -69,12 +73,14 @@ for a in "$@"; do
   overrides+=("$a")
 done
 
-# The demo's data is generated on first use (deterministic, about 10 s).
-data_root=$("$PYTHON" -m pretrain.config "$CONFIG" "${overrides[@]}" --print --skip-files 2>/dev/null | "$PYTHON" -c \
-  'import sys, yaml; print(yaml.safe_load(sys.stdin)["data"]["root"])' 2>/dev/null || true)
-if [ "$data_root" = "data/demo" ] && [ ! -f data/demo/manifest.json ]; then
-  echo "+ $PYTHON tools/make_demo_data.py --out data/demo"
-  "$PYTHON" tools/make_demo_data.py --out data/demo
+# The demo's data is generated on first use (deterministic, about 10 s); not in a dry run.
+if [ "$DRY_RUN" = 0 ]; then
+  data_root=$("$PYTHON" -m pretrain.config "$CONFIG" "${overrides[@]}" --print --skip-files 2>/dev/null | "$PYTHON" -c \
+    'import sys, yaml; print(yaml.safe_load(sys.stdin)["data"]["root"])' 2>/dev/null || true)
+  if [ "$data_root" = "data/demo" ] && [ ! -f data/demo/manifest.json ]; then
+    echo "+ $PYTHON tools/make_demo_data.py --out data/demo"
+    "$PYTHON" tools/make_demo_data.py --out data/demo
+  fi
 fi
 
 export CONFIG PYTHON DEEPSPEED NGPUS
@@ -87,8 +93,10 @@ cmd=("${lines[@]:2}")
 # Fail on a bad config here, before any rank starts.
 world_arg=()
 [ "$WORLD" != "?" ] && world_arg=(--world-size "$WORLD")
+[ "$DRY_RUN" = 1 ] && world_arg+=(--print --skip-files)
 "$PYTHON" -m pretrain.config "$CONFIG" "${world_arg[@]}" "${overrides[@]}"
 
 [ -n "$ENV_FILE" ] && export DS_ENV_FILE="$ENV_FILE" && echo "+ environment for all nodes: $ENV_FILE"
 echo "+ ${cmd[*]}"
+if [ "$DRY_RUN" = 1 ]; then exit 0; fi
 exec "${cmd[@]}"
