@@ -1,6 +1,6 @@
 """Exact attention under the packed multimodal mask: ranges, reference, and backend dispatch.
 
-The mask (DESIGN.md, "The attention mask"): for query `i` and key `j` of one row,
+The mask (docs/architecture.md, "The attention mask"): for query `i` and key `j` of one row,
 
     allowed(i, j) = doc[i] == doc[j] and (j <= i or (img[i] >= 0 and img[i] == img[j]))
 
@@ -95,7 +95,7 @@ def attention_ranges(doc_ids_BT: torch.Tensor, image_ids_BT: torch.Tensor) -> At
 
 
 def dense_mask(doc_ids_BT: torch.Tensor, image_ids_BT: torch.Tensor) -> torch.Tensor:
-    """bool `[B, T, T]` (query, key): DESIGN.md's rule evaluated element-wise, O(T^2) memory."""
+    """bool `[B, T, T]` (query, key): the mask rule evaluated element-wise, O(T^2) memory."""
     T = doc_ids_BT.shape[1]
     idx_T = torch.arange(T, device=doc_ids_BT.device)
     same_doc_BTT = doc_ids_BT[:, :, None] == doc_ids_BT[:, None, :]

@@ -1,7 +1,7 @@
 """Row layouts (`doc_ids`, `image_ids`) for testing and benchmarking packed attention.
 
 A layout is the pair of int32 `[B, T]` tensors of the `PackedBatch` contract that decide the
-attention mask (DESIGN.md, "The attention mask"). Two families live here so tests and
+attention mask (docs/architecture.md, "The attention mask"). Two families live here so tests and
 `tools/bench_attention.py` share them:
 
 - `random_layout`: adversarial small layouts for correctness tests (images at the start and
@@ -117,7 +117,7 @@ def edge_layouts(T: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
 
 # --- benchmark-scale layouts shaped like the three data sources ------------------------------
 
-N_PATCHES = 256  # 224 px images, 14 px patches (DESIGN.md)
+N_PATCHES = 256  # 224 px images, 14 px patches (the paper's setting)
 
 
 def source_row(source: str, T: int, rng: random.Random, n_patches: int = N_PATCHES) -> tuple[list[int], list[int]]:

@@ -1,7 +1,7 @@
 """Triton flash attention for the packed multimodal mask (the `"triton"` backend).
 
 Reached through `kernels.attention.packed_attention(..., backend="triton")`, never directly.
-This file holds the two upper layers of the kernel (DESIGN.md, rules of the house): the
+This file holds the two upper layers of the kernel (docs/architecture.md, "Rules of the house"): the
 `@triton.jit` kernels, and the `torch.autograd.Function` that launches them. The plain-PyTorch
 reference of the same math is `kernels.attention.reference_attention`.
 

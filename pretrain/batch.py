@@ -1,7 +1,7 @@
 """The batch contract: `PackedBatch`, what every training and evaluation step consumes.
 
 `B` rows of `T` tokens; a row holds several packed documents. Field meanings are those of
-DESIGN.md ("The batch contract"); this file is the single place they are written in code.
+docs/architecture.md ("The batch contract"); this file is the single place they are written in code.
 """
 from __future__ import annotations
 

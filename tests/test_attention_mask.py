@@ -1,4 +1,4 @@
-"""The packed attention mask: dense mask vs a brute-force reading of DESIGN.md's rule, the
+"""The packed attention mask: dense mask vs a brute-force reading of the mask rule (docs/architecture.md), the
 int32 ranges vs the mask (both directions), and the reference backend.
 
 Run: `pytest tests/test_attention_mask.py -q` (CPU, a few seconds).
@@ -12,7 +12,7 @@ from kernels.attention_layouts import edge_layouts, random_layout, source_layout
 
 
 def brute_force_mask(doc_ids_BT, image_ids_BT):
-    """DESIGN.md's rule, one (i, j) pair at a time in plain Python."""
+    """The mask rule of docs/architecture.md, one (i, j) pair at a time in plain Python."""
     B, T = doc_ids_BT.shape
     doc, img = doc_ids_BT.tolist(), image_ids_BT.tolist()
     out = torch.zeros(B, T, T, dtype=torch.bool)

@@ -30,7 +30,7 @@ def tiny_cfg(kind: str = "late", **kw) -> ModelConfig:
 
 def packed_batch(rows: list[list[list]], T: int, patch_dim: int, n_p: int, vocab: int = 64,
                  seed: int = 0) -> PackedBatch:
-    """A `PackedBatch` built by the contract's rules (DESIGN.md) from a layout.
+    """A `PackedBatch` built by the contract's rules (docs/architecture.md) from a layout.
 
     rows: per row, a list of documents; a document is a list of segments, an int `n` for `n` text
     tokens or the string "img" for one image span (`<boi>`, `n_p` patches, `<eoi>`). Positions left

@@ -1,6 +1,6 @@
 """The multimodal decoder shared by early fusion, late fusion and the MoE variants.
 
-    h = embed(tokens);  h[is_patch] = image_embedder(patches)      (DESIGN.md's batch contract)
+    h = embed(tokens);  h[is_patch] = image_embedder(patches)      (the batch contract, docs/architecture.md)
     h = blocks(h) under the packed mask;  loss = next-token CE on text targets only
 
 What differs between the families is plugged in: the image embedder (one linear layer for early

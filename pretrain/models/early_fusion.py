@@ -1,6 +1,6 @@
 """Early fusion, the main model: image patches enter the decoder through one linear layer.
 
-No vision encoder and no image tokenizer (DESIGN.md, "The models"): a flattened `p x p` patch is
+No vision encoder and no image tokenizer (docs/architecture.md, "Model families"): a flattened `p x p` patch is
 projected to the decoder width and takes its place in the token sequence.
 """
 from __future__ import annotations

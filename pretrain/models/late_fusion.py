@@ -5,7 +5,7 @@
 The encoder (pretrain/models/vision.py) is the decoder's `image_embedder`, so batches, masks and
 losses are exactly early fusion's; only what turns pixels into decoder inputs differs. The ViT is
 bidirectional within each image and images never see each other; inside the decoder the patch
-positions follow DESIGN.md's packed mask like early fusion's.
+positions follow the packed mask (docs/architecture.md) like early fusion's.
 
 Learning rate: the ViT trains at `model.vision.lr_mult` times the peak learning rate (the
 paper's Table 8: 0.01 works best from scratch); the projection into the decoder (the connector)

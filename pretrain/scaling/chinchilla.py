@@ -1,7 +1,7 @@
 """Epoch AI's extraction of the Chinchilla runs, the public check of the fitter.
 
 Besiroglu et al. (2024) refit Hoffmann et al.'s approach 3 on
-`shared/data/chinchilla_epoch_svg_extracted.csv` after dropping the 5 highest losses (240 runs
+`tests/data/chinchilla_epoch_svg_extracted.csv` after dropping the 5 highest losses (240 runs
 left), with `D = C / (6 N)`, and got E 1.8172, A 482.01, B 2085.43, alpha 0.3478, beta 0.3658.
 
     python tools/fit_scaling_laws.py tests/data/chinchilla_epoch_svg_extracted.csv --chinchilla --out /tmp/chin

@@ -1,6 +1,6 @@
 """The paper's model presets (Table 6), as numbers this package can use without the model code.
 
-Transcribed from `shared/reference/paper_tables.yaml` (table6_presets). Preset names match the
+Transcribed from the paper's Table 6. Preset names match the
 YAML files `pretrain/configs/paper/{early,moe}_{275m,...,3.35b}.yaml` and
 `late_{289m,...,3.7b}.yaml`. `params` is the paper's count (active parameters for the MoE; for
 late fusion the paper's total, of which `vision_params` is a nominal 12 * depth * width^2
