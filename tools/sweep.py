@@ -4,7 +4,7 @@
     python tools/sweep.py --kind early --presets 275m,468m --tokens 2.5e9,5e9 --out runs/sweep_early
     python tools/sweep.py --kind moe --presets 275m --flops 1e19,3e19 --out runs/sweep_moe
     python tools/sweep.py --kind early --widths 64,128 --tokens 40960,81920 --base-config pretrain/configs/demo.yaml \\
-        --global-batch-size 4 --seq-len 256 --set train.eval_every=10 --out runs/demo_sweep
+        --global-batch-size 4 --seq-len 256 --set train.micro_batch_size=2 --set train.eval_every=10 --out runs/demo_sweep
     bash runs/sweep_early/commands.sh      # launches the runs one after another
 
 Learning rates, warm-up and cool-down follow the paper (see `pretrain.scaling.sweep`).
