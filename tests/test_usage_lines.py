@@ -156,12 +156,16 @@ def run_plans(plans: list[dict]) -> list[dict]:
                 else:
                     sys.argv = [p["target"], *p["argv"]]
                     runpy.run_path(p["target"], run_name="__main__")
+            if parse_only:  # it ran to the end: it does not parse through argparse, so no dry run
+                code = 1
+                out.write("finished without parsing its arguments with argparse")
         except Parsed:
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         except BaseException as e:  # noqa: BLE001 - reported with the command
-            code, _ = 1, out.write(f"{type(e).__name__}: {e}")
+            code = 1
+            out.write(f"{type(e).__name__}: {e}")
         finally:
             argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_intermixed_args, sys.argv = saved
         results.append({"command": p["command"], "code": code, "output": out.getvalue()[-2000:]})
