@@ -11,6 +11,8 @@
   mixture.py    exact per-global-batch row quotas per source
   loader.py     build_train_loader (infinite, exact resume, balanced rank split, tail fill),
                 build_eval_batches
+  lazy_images.py  deferred image decoding: rows planned from lengths, pixels made at batch build
+  workers.py    worker processes (data.num_workers) that build the same batches at any count
   stats.py      per-batch statistics: padding, rows/tokens per source, images per row
   offline/      optional: rows packed ahead of time (tools/pack_shards.py), their loader
                 (data.format=packed_rows), token-balanced resharding (tools/reshard.py)

@@ -6,9 +6,10 @@
 One code path: the rows are those of the online loader itself. `plan_source_rows` builds a
 `TrainLoader` (rank 0 of 1) and calls its `next_row(s)`: the same document order (a function of
 (seed, source, epoch, index)), pieces (image spans atomic), best-fit packer and caption-tail
-filling. Only the read is swapped (through `SourceStream.read_sample`): images are placeholder tensors [n_patches, 0] (packing needs
-their length only), tagged with their JPEG's location and with the key (stream, epoch, index,
-image) the online loader draws their crop and flip from. The row shard stores the JPEG and that
+filling. Only the read is swapped, through the stream's public seam `SourceStream.read_sample`:
+images are placeholder tensors [n_patches, 0] (packing needs their length only), tagged with
+their JPEG's location and with the key (stream, epoch, index, image) the online loader draws
+their crop and flip from. The row shard stores the JPEG and that
 key, so the row loader reproduces the online patches bit for bit, and the augmentation still
 runs at load time.
 
