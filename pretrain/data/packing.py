@@ -10,7 +10,7 @@ Rows are filled by `BestFitPacker`: the oldest buffered piece opens a row (so no
 then the largest buffered piece that still fits is added until none fits; the rest is padding.
 Only the first piece of a split document is buffered; its successor is buffered once it has been
 placed (after the row closes), so pieces of one document appear in order, in different rows.
-Every padding token is its own document (DESIGN.md), so no query ever has zero allowed keys.
+Every padding token is its own document (docs/architecture.md), so no query ever has zero allowed keys.
 
 `pack_documents` is the entry point for evaluation code that builds batches from given
 documents (e.g. probe captions); the training loader uses the same pieces.
