@@ -72,19 +72,26 @@ class MultimodalDecoder(nn.Module):
             h_BTD = h_BTD + 0.0 * sum(p.sum() for p in self.image_embedder.parameters()).to(h_BTD.dtype)
         return h_BTD
 
-    def forward(self, batch: PackedBatch, return_token_loss: bool = False,
-                return_logits: bool = False) -> ModelOutput:
+    def hidden_states(self, batch: PackedBatch, kv_cache=None) -> torch.Tensor:
+        """The last block's output [B, T, D]. With `kv_cache` (generation, pretrain/generate/)
+        the batch holds only the new tokens of a step and attention also reads the cache."""
         cfg = self.cfg
         h_BTD = self.embed_inputs(batch)
         cos, sin = rope_tables(batch.position_ids, cfg.head_dim, cfg.rope_theta)
-        ranges = attention_ranges(batch.doc_ids, batch.image_ids)  # once, shared by every layer
+        # Once, shared by every layer; the cache builds its own mask over the cached sequence.
+        ranges = attention_ranges(batch.doc_ids, batch.image_ids) if kv_cache is None else None
         ctx = BatchContext(batch.doc_ids, batch.image_ids, batch.is_patch, cos.to(h_BTD.dtype),
-                           sin.to(h_BTD.dtype), ranges)
+                           sin.to(h_BTD.dtype), ranges, kv_cache)
         for block in self.blocks:
             if cfg.activation_checkpointing and self.training:
                 h_BTD = checkpoint(block, h_BTD, ctx, use_reentrant=False)
             else:
                 h_BTD = block(h_BTD, ctx)
+        return h_BTD
+
+    def forward(self, batch: PackedBatch, return_token_loss: bool = False,
+                return_logits: bool = False) -> ModelOutput:
+        h_BTD = self.hidden_states(batch)
 
         # Project only the positions that have a target: patch positions, padding and document
         # ends never reach the vocabulary matmul (a large saving on caption-heavy batches).

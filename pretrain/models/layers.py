@@ -63,8 +63,11 @@ class Attention(nn.Module):
         q_BHTd, k_BHTd, v_BHTd = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         q_BHTd = apply_rope(self.q_norm(q_BHTd), ctx.cos, ctx.sin)
         k_BHTd = apply_rope(self.k_norm(k_BHTd), ctx.cos, ctx.sin)
-        o_BHTd = packed_attention(q_BHTd, k_BHTd, v_BHTd, ctx.doc_ids, ctx.image_ids,
-                                  backend=self.backend, ranges=ctx.ranges)
+        if ctx.kv_cache is not None:  # generation: this step's keys join the cache (pretrain/generate/)
+            o_BHTd = ctx.kv_cache.attend(q_BHTd, k_BHTd, v_BHTd)
+        else:
+            o_BHTd = packed_attention(q_BHTd, k_BHTd, v_BHTd, ctx.doc_ids, ctx.image_ids,
+                                      backend=self.backend, ranges=ctx.ranges)
         return self.out(o_BHTd.transpose(1, 2).reshape(B, T, D))
 
 
@@ -82,11 +85,14 @@ class SwiGLU(nn.Module):
 
 
 class BatchContext:
-    """Per-batch tensors every layer needs, computed once per forward pass."""
+    """Per-batch tensors every layer needs, computed once per forward pass. `kv_cache` (None in
+    training) is a `pretrain.generate.cache.KVCache`: attention then reads keys and values of
+    earlier steps from it and applies the packed mask over the whole cached sequence."""
 
-    def __init__(self, doc_ids, image_ids, is_patch, cos, sin, ranges):
+    def __init__(self, doc_ids, image_ids, is_patch, cos, sin, ranges, kv_cache=None):
         self.doc_ids, self.image_ids, self.is_patch = doc_ids, image_ids, is_patch
         self.cos, self.sin, self.ranges = cos, sin, ranges
+        self.kv_cache = kv_cache
 
 
 class Block(nn.Module):
