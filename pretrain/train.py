@@ -140,6 +140,17 @@ def run_image_probe(model, cfg: RunConfig, rank: int, world: int, device) -> dic
     return result
 
 
+def run_caption_demo(module, cfg: RunConfig, run_dir: Path, step: int) -> dict:
+    """Demo evidence (rank 0): captions of held-out images and CIDEr-D, real images vs noise.
+    The model is trained and saved: a failure here is reported, never allowed to fail the run."""
+    from pretrain.evaluate.demo_captions import caption_demo, demo_model
+    try:
+        return caption_demo(demo_model(module, cfg, run_dir, step), cfg.data.root, run_dir)
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        print(f"[captions] warning: caption demo failed ({type(e).__name__}: {e})", flush=True)
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 def run_summary(cfg: RunConfig, step: int, tokens: int, image_tokens: int, last_eval: dict) -> dict:
     """`summary.json`: what tools/collect_runs.py reads for the scaling-law fits.
 
@@ -394,6 +405,8 @@ def train(cfg: RunConfig) -> dict:
                   f"{probe['image/colour_acc']:.1%}, shape accuracy {probe['image/shape_acc']:.1%} "
                   f"with the image; with noise instead: colour {probe['noise/colour_acc']:.1%}, "
                   f"shape {probe['noise/shape_acc']:.1%} (chance <= {probe['chance']:.0%})", flush=True)
+            summary["captions"] = run_caption_demo(engine.module, cfg, run_dir, step)
+        dist.barrier()  # the other ranks wait for rank 0's captions
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         png = plot_losses(run_dir)

@@ -18,7 +18,7 @@ from kernels.attention_layouts import random_layout
 from pretrain.batch import PackedBatch
 from pretrain.data.packing import Piece, SpecialIds, build_batch, span_length
 from pretrain.data.tokenizer import Tokenizer
-from pretrain.generate import GenerationConfig, LoadedModel, generate
+from pretrain.generate import GenerationConfig, InferenceModel, generate
 from pretrain.generate.cache import KVCache, query_mask
 from pretrain.generate.loop import step_logits
 from pretrain.generate.prompts import layout_prompts, prompt_items
@@ -94,7 +94,7 @@ def test_prefill_and_decoding_match_the_training_forward_on_packed_rows(kind, to
     run through the training forward: every generated token is that forward's argmax at its
     position, and the cache's prefill logits equal the training logits at the prompts' ends."""
     model = tiny_model(kind, tok.vocab_size, seed=1)
-    lm = LoadedModel(model, tok, IMAGE, PATCH)
+    lm = InferenceModel(model, tok, IMAGE, PATCH)
     prompts = prompts_of(np.random.default_rng(0))
     n_new = 7
     out = generate(lm, prompts, GenerationConfig(max_new_tokens=n_new))
@@ -119,7 +119,7 @@ def test_prefill_and_decoding_match_the_training_forward_on_packed_rows(kind, to
 @pytest.mark.parametrize("kind", ["early", "late", "moe"])
 def test_cached_generation_equals_uncached(kind, device, tok):
     model = tiny_model(kind, tok.vocab_size, seed=2, device=device)
-    lm = LoadedModel(model, tok, IMAGE, PATCH)
+    lm = InferenceModel(model, tok, IMAGE, PATCH)
     prompts = prompts_of(np.random.default_rng(1))
     for cfg in [GenerationConfig(max_new_tokens=12),
                 GenerationConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=3)]:
@@ -135,7 +135,7 @@ def test_cached_generation_equals_uncached(kind, device, tok):
 
 
 def test_sampling_is_reproducible_with_a_seed(tok):
-    lm = LoadedModel(tiny_model("early", tok.vocab_size, seed=4), tok, IMAGE, PATCH)
+    lm = InferenceModel(tiny_model("early", tok.vocab_size, seed=4), tok, IMAGE, PATCH)
     prompts = prompts_of(np.random.default_rng(2))
     cfg = lambda seed: GenerationConfig(max_new_tokens=10, temperature=1.5, seed=seed)  # noqa: E731
     a, b, c = (generate(lm, prompts, cfg(s)) for s in (7, 7, 8))
@@ -165,7 +165,7 @@ def test_top_p_and_top_k_keep_only_the_nucleus():
 def test_stop_strings_cut_the_text(tok):
     assert cut_at_stop("a red circle. a blue", [".", "blue"]) == ("a red circle", True)
     assert cut_at_stop("no stop here", ["."]) == ("no stop here", False)
-    lm = LoadedModel(tiny_model("early", tok.vocab_size, seed=5), tok, IMAGE, PATCH)
+    lm = InferenceModel(tiny_model("early", tok.vocab_size, seed=5), tok, IMAGE, PATCH)
     prompts = prompts_of(np.random.default_rng(3))
     free = generate(lm, prompts, GenerationConfig(max_new_tokens=12))
     text = free[1].text

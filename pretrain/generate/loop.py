@@ -16,19 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from pretrain.generate.cache import KVCache
+from pretrain.generate.loading import InferenceModel
 from pretrain.generate.prompts import PromptLayout, layout_prompts
 from pretrain.generate.sampling import GenerationConfig, cut_at_stop, next_tokens
-
-
-@dataclass
-class LoadedModel:
-    """A model ready to generate: the decoder, its tokenizer and its image geometry."""
-    model: torch.nn.Module  # a MultimodalDecoder (any family), all experts local
-    tokenizer: object  # pretrain.data.tokenizer.Tokenizer
-    image_size: int  # images are centre-cropped and resized to this side
-    patch_size: int
-    source: str = ""  # where it was loaded from
-    step: int | None = None  # training step of the checkpoint, when known
 
 
 @dataclass
@@ -58,7 +48,7 @@ def banned_tokens(tokenizer, vocab_size: int, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(lm: LoadedModel, prompts: list[list], cfg: GenerationConfig | None = None) -> list[Generation]:
+def generate(lm: InferenceModel, prompts: list[list], cfg: GenerationConfig | None = None) -> list[Generation]:
     """Continue each prompt (a list of parts: str, token ids, images; see prompts.py)."""
     cfg = cfg or GenerationConfig()
     cfg.validate()
