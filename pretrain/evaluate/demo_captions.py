@@ -47,7 +47,9 @@ def caption_demo(lm: InferenceModel, data_root: str, run_dir: Path, n_images: in
     png = caption_sheet(run_dir / "captions.png", examples, records, 16,
                         f"held-out demo images, step {lm.step}: CIDEr-D {real['cider']:.3f} "
                         f"(noise instead of the image: {noise['cider']:.3f})")
+    exact = sum(r["caption"] == r["references"][0] for r in records)
     summary = {"images": len(examples), "cider_real": real["cider"], "cider_noise": noise["cider"],
+               "exact_real": exact, "exact_noise": sum(r["caption"] == r["references"][0] for r in noise_records),
                "tokenizer": real["tokenizer"], "max_new_tokens": max_new_tokens, "png": str(png),
                "captions": [{"key": r["image_id"], "generated": r["caption"], "reference": r["references"][0],
                              "generated_from_noise": n["caption"]} for r, n in zip(records, noise_records)]}
@@ -56,7 +58,8 @@ def caption_demo(lm: InferenceModel, data_root: str, run_dir: Path, n_images: in
         print(f"[captions] {r['image_id']}: generated \"{r['caption']}\" | reference \"{r['references'][0]}\"",
               flush=True)
     print(f"[captions] CIDEr-D on {len(examples)} held-out images: {real['cider']:.3f} with the image, "
-          f"{noise['cider']:.3f} with noise instead; contact sheet {png}", flush=True)
+          f"{noise['cider']:.3f} with noise instead (captions equal to the reference: {exact} and "
+          f"{summary['exact_noise']}); contact sheet {png}", flush=True)
     return {k: v for k, v in summary.items() if k != "captions"}
 
 
