@@ -176,3 +176,14 @@ def test_stop_strings_cut_the_text(tok):
     assert stopped[1].text == text[:text.find(stop)]
     for f, s in zip(free, stopped):  # a stop string only ever shortens a generation
         assert f.token_ids[:len(s.token_ids)] == s.token_ids
+
+
+def test_late_fusion_encoder_runs_once_in_prefill(tok):
+    model = tiny_model("late", tok.vocab_size, seed=6)
+    calls = []
+    model.image_embedder.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    prompts = prompts_of(np.random.default_rng(4))
+    out = generate(InferenceModel(model, tok, IMAGE, PATCH), prompts, GenerationConfig(max_new_tokens=6))
+    n_images = sum(not isinstance(p, str) for prompt in prompts for p in prompt)
+    assert max(len(g.token_ids) for g in out) > 1
+    assert calls == [n_images * (IMAGE // PATCH) ** 2]  # one encoder call, over every image's patches
