@@ -187,3 +187,17 @@ def test_late_fusion_encoder_runs_once_in_prefill(tok):
     n_images = sum(not isinstance(p, str) for prompt in prompts for p in prompt)
     assert max(len(g.token_ids) for g in out) > 1
     assert calls == [n_images * (IMAGE // PATCH) ** 2]  # one encoder call, over every image's patches
+
+
+def test_bad_prompts_and_settings_are_refused(tok):
+    lm = InferenceModel(tiny_model("early", tok.vocab_size), tok, IMAGE, PATCH)
+    with pytest.raises(ValueError, match="prompt part 1: to_pil: cannot decode image bytes"):
+        generate(lm, [["a", b"not an image"]])
+    with pytest.raises(ValueError, match="no prompts"):
+        generate(lm, [])
+    for bad in (dict(top_p=0.0), dict(temperature=-1.0), dict(max_new_tokens=0), dict(stop=[""])):
+        with pytest.raises(ValueError):
+            generate(lm, [["a"]], GenerationConfig(**bad))
+    cache = KVCache.for_model(lm.model, 1, 2, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="3 slots needed, the cache holds 2"):
+        cache.begin(torch.zeros(1, 3, dtype=torch.int32), torch.full((1, 3), -1, dtype=torch.int32))
