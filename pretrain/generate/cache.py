@@ -2,7 +2,7 @@
 
 A `KVCache` holds, per layer, the keys and values of every slot written so far, plus each slot's
 document and image id. A forward step writes `n` new slots (the prompt in prefill, one token per
-row in decoding) and its queries attend all written slots under the training mask (DESIGN.md):
+row in decoding) and its queries attend all written slots under the training mask (docs/architecture.md):
 
     allowed(i, j) = doc[i] == doc[j] and (j <= i or (img[i] >= 0 and img[i] == img[j]))
 

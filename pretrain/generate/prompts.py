@@ -8,8 +8,9 @@ continues the document. To caption an image the prompt is `[image]` (a caption d
 `BOS <image> caption EOS`); to ask about it, `[image, "Question: ... Answer:"]`.
 
 Rows are left-padded to the longest prompt so every row's next token lands in the same slot.
-Each padding slot is its own document (DESIGN.md), so no prompt token ever attends padding and
-positions restart at 0 where the prompt starts: a row generates what it would generate alone.
+Each padding slot is its own document (docs/architecture.md, the batch contract), so no prompt
+token ever attends padding, and positions restart at 0 where the prompt starts: a row generates
+what it would generate alone.
 """
 from __future__ import annotations
 
