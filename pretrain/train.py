@@ -379,7 +379,7 @@ def train(cfg: RunConfig) -> dict:
                 break
             checkpoint.save(engine, ckpt_root, step, {"loader": loader.state_dict(),
                                                       "image_tokens_seen": image_tokens_seen},
-                            keep=t.keep_checkpoints)
+                            keep=t.keep_checkpoints, config=cfg)
         if interrupted and step < t.max_steps:
             if rank == 0:
                 print(f"[train] stopping after {t.stop_after_steps} steps (train.stop_after_steps); "

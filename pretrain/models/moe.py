@@ -150,6 +150,8 @@ class MoEFFN(nn.Module):
         rank r initialises exactly the slice that a single-rank model would hold for its experts.
         layers.init_weights skips these parameters (flag `expert_init`) and calls this instead.
         """
+        if self.experts.w1_EDH.is_meta:  # a shapes-only model (checkpoint key checks): no values
+            return
         if seed is None:
             seed = int(torch.randint(0, 2 ** 40, (), dtype=torch.int64))
         first = self.ep_rank * self.n_local_experts

@@ -22,8 +22,8 @@ How DeepSpeed recognises an MoE (deepspeed 0.19, runtime/engine.py, zero/stage_1
   `...deepspeed_moe.experts.deepspeed_experts.<id>...`. Our experts are stacked tensors, so the
   layer registers its `GroupedExperts` as DeepSpeed "local expert 0" (`num_local_experts = 1`):
   each expert-parallel rank writes one file holding its slice of the stacked weights, with
-  id = expert-parallel rank. Reloading at the same expert-parallel size is exact; another size
-  needs the stacked slices re-split (not implemented).
+  id = expert-parallel rank. Reloading at the same expert-parallel size uses DeepSpeed's loader;
+  another size is resharded by pretrain/checkpoint/elastic.py.
 - ZeRO-3 with this MoE is refused at config validation (RunConfig.validate); DeepSpeed itself
   asserts "MoE not supported with Stage 3" too.
 
@@ -114,28 +114,9 @@ def moe_param_groups(param_groups: list[dict]) -> list[dict]:
 
 
 def consolidated_state_dict(ckpt_dir: str) -> dict:
-    """One DeepSpeed checkpoint tag directory (e.g. RUN/checkpoints/step_00001000) of an MoE run,
-    saved at any expert-parallel size, as the state dict of the plain model `build_model(cfg)`:
-    the non-expert weights from `mp_rank_00_model_states.pt`, each layer's stacked experts
-    concatenated over the per-rank files `layer_<l>_expert_<r>_...` in expert-parallel rank order,
-    and DeepSpeed's expert path renamed back to `experts.` (for analysis tools and conversion)."""
-    import re
-    from pathlib import Path
+    """One checkpoint step directory of an MoE run, saved at any expert-parallel size, as the
+    state dict of the plain model `build_model(cfg)` (fp32 master weights, every expert); see
+    pretrain.checkpoint.load_consolidated, which also checks the keys against the config."""
+    from pretrain.checkpoint.zero_files import read_full_state
 
-    import torch
-
-    d = Path(ckpt_dir)
-    state = dict(torch.load(d / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"])
-    slot = ".deepspeed_moe.experts.deepspeed_experts."
-    shards: dict[int, dict[int, dict]] = {}
-    for f in d.glob("layer_*_expert_*_mp_rank_00_model_states.pt"):
-        layer, rank = map(int, re.match(r"layer_(\d+)_expert_(\d+)_", f.name).groups())
-        shards.setdefault(layer, {})[rank] = torch.load(f, map_location="cpu", weights_only=False)
-    for layer, by_rank in shards.items():
-        ranks = sorted(by_rank)
-        for key in by_rank[ranks[0]]:
-            # saved under the global slot id (= expert-parallel rank); the plain name has no slot
-            plain = re.sub(re.escape(slot) + r"\d+\.", ".experts.", key)
-            keys = [re.sub(re.escape(slot) + r"\d+\.", f"{slot}{r}.", key) for r in ranks]
-            state[plain] = torch.cat([by_rank[r][k] for r, k in zip(ranks, keys)], dim=0)
-    return state
+    return read_full_state(ckpt_dir, moments=False).weights
