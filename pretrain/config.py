@@ -65,6 +65,7 @@ class TrainSection:
     keep_checkpoints: int = 2  # newest complete checkpoints kept in the run directory
     stop_after_steps: int = 0  # >0: stop this process after that many steps (simulated interruption)
     max_skipped_steps: int = 10  # this many consecutive non-finite steps (skipped) stop the run
+    init_from: str = ""  # run dir or checkpoint step dir: start from its weights (fresh optimizer, schedule, data)
     image_probe: bool = False  # demo only: colour/shape accuracy on held-out captions at the end
     probe_examples: int = 256  # held-out captions used by the image probe
 

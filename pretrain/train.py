@@ -11,7 +11,8 @@ offline files, `loss.png` and, when training completes, `summary.json`. A run st
 non-finite steps (pretrain/step_guard.py) writes `summary.json` with `"finished": false` and why,
 and exits 3. Under `srun` (one task per GPU) ranks come from SLURM_* (pretrain/launch/slurm.py).
 Started again in the same directory, a run resumes from its newest complete checkpoint (weights,
-optimizer, schedule, data position, RNG) and continues exactly as if it had not stopped.
+optimizer, schedule, data position, RNG) and continues exactly as if it had not stopped; on another
+number of ranks or expert-parallel size the state is resharded (pretrain/checkpoint/start.py).
 """
 from __future__ import annotations
 
@@ -227,7 +228,6 @@ def train(cfg: RunConfig) -> dict:
     ckpt_root = run_dir / "checkpoints"
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_resolved_config(cfg, run_dir)
     dist.barrier()
 
     from pretrain.data.loader import build_train_loader, load_tokenizer
@@ -269,25 +269,11 @@ def train(cfg: RunConfig) -> dict:
 
     loader = build_train_loader(cfg.data, rank=rank, world_size=world, micro_batch_size=t.micro_batch_size,
                                 global_batch_size=t.global_batch_size)
-    step = 0
-    state: dict = {}
-    done = checkpoint.complete_checkpoints(ckpt_root)
-    for path in reversed(done):  # newest first; an unreadable checkpoint falls back to the one before
-        try:
-            state = checkpoint.load(engine, path)
-            loader.load_state_dict(state["loader"])
-        except Exception as e:  # noqa: BLE001 - any failure to read it means: try the previous one
-            if path == done[0]:
-                raise RuntimeError(f"no complete checkpoint in {ckpt_root} could be loaded; the last "
-                                   f"error ({path.name}): {type(e).__name__}: {e}") from e
-            if rank == 0:
-                print(f"[train] warning: cannot resume from {path} ({type(e).__name__}: {e}); "
-                      f"trying the previous checkpoint", flush=True)
-            continue
-        step = state["step"]
-        if rank == 0:
-            print(f"[train] resumed from {path} at step {step}", flush=True)
-        break
+    # Resume (any world / expert-parallel size; all ranks agree on the checkpoint), else
+    # train.init_from, else fresh. The config is written only once that has worked.
+    step, state = checkpoint.start(engine, loader, cfg, ckpt_root, log=lambda m: print(m, flush=True))
+    if rank == 0:
+        _write_resolved_config(cfg, run_dir)
 
     guard = StepGuard(t.max_skipped_steps, rank, world)
     guard.install(engine)
@@ -299,7 +285,7 @@ def train(cfg: RunConfig) -> dict:
     eval_sets = build_eval_sets(cfg, rank, world)
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
     start_step = step
-    image_tokens_seen = state.get("image_tokens_seen", 0) if done else 0  # this rank's D_v share
+    image_tokens_seen = state.get("image_tokens_seen", 0)  # this rank's D_v share
 
     def new_window() -> dict:
         # Losses stay on the device until a log step: no host sync per micro-batch.

@@ -82,15 +82,19 @@ def build_engine(cfg, world: int, seed: int = 0):
     return engine
 
 
-def train_steps(engine, rank: int, steps) -> list[float]:
-    """Optimizer steps on synthetic batches; returns the mean loss per step over all ranks."""
+def train_steps(engine, rank: int, steps, global_rows: bool = False) -> list[float]:
+    """Optimizer steps on synthetic batches; returns the mean loss per step over all ranks.
+    global_rows: micro-batch `micro` of `rank` is the global batch's number micro * world + rank,
+    so a step sees the same data whatever the world size."""
     import torch.distributed as dist
 
     losses = []
+    world = dist.get_world_size()
     for step in steps:
         total = torch.zeros((), dtype=torch.float64)
         for micro in range(engine.gradient_accumulation_steps()):
-            out = engine(synthetic_batch(rank, step, micro))
+            batch = synthetic_batch(0, step, micro * world + rank) if global_rows else synthetic_batch(rank, step, micro)
+            out = engine(batch)
             engine.backward(out.loss)
             engine.step()
             total += out.loss.detach().double()

@@ -10,6 +10,7 @@ Modules, one idea each:
 - save.py         writing a checkpoint
 - resume.py       all ranks agree on one checkpoint and load it (elastic.py when the layout changed)
 - elastic.py      full state -> a DeepSpeed engine of another world / expert-parallel size
+- start.py        how a run starts: resume (data position re-split too), train.init_from, or fresh
 """
 from pretrain.checkpoint.consolidated import Consolidated, load_consolidated
 from pretrain.checkpoint.layout import COMPLETE, CheckpointError, complete_checkpoints, resolve_step_dir, tag_for
@@ -17,6 +18,7 @@ from pretrain.checkpoint.resume import load
 from pretrain.checkpoint.rng import rng_state, set_rng_state
 from pretrain.checkpoint.safe_io import safe_load
 from pretrain.checkpoint.save import save
+from pretrain.checkpoint.start import start
 
 __all__ = ["COMPLETE", "CheckpointError", "Consolidated", "complete_checkpoints", "load", "load_consolidated",
-           "resolve_step_dir", "rng_state", "safe_load", "save", "set_rng_state", "tag_for"]
+           "resolve_step_dir", "rng_state", "safe_load", "save", "set_rng_state", "start", "tag_for"]

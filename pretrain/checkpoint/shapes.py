@@ -36,7 +36,7 @@ def checkpoint_shapes(step_dir) -> dict[str, torch.Size]:
             raise CheckpointError(f"{step_dir}: no DeepSpeed model state in it")
         model_file = z3[0]
     meta = safe_load(model_file)
-    ep = _ep_size(step_dir)
+    ep = expert_parallel_size(step_dir)
     shapes: dict[str, torch.Size] = {}
     for group in meta.get("param_shapes") or []:
         for name, shape in group.items():
@@ -54,7 +54,8 @@ def checkpoint_shapes(step_dir) -> dict[str, torch.Size]:
     return shapes
 
 
-def _ep_size(step_dir: Path) -> int:
+def expert_parallel_size(step_dir: Path) -> int:
+    """The expert-parallel size an MoE checkpoint was saved with (1 without experts)."""
     ranks = {int(re.match(r"layer_\d+_expert_(\d+)_", f.name).group(1))
              for f in step_dir.glob("layer_*_expert_*_mp_rank_00_model_states.pt")}
     return len(ranks) or 1

@@ -123,6 +123,9 @@ class SourceStream:
         self._readers: dict[int, ShardReader] = {}
         self._orders: dict[int, list[tuple[int, str]]] = {}
         self.epoch, self.index = 0, 0  # cursor: next document to read
+        # [epoch, lo, hi): documents at global positions lo..hi-1 of that epoch, read before the
+        # cursor; handed over when the number of ranks changed (pretrain/data/world_change.py).
+        self.carry: list[list[int]] = []
         # How the document at (epoch, index) is read: the one seam for another reader of the same
         # order (offline packing, data/offline/pack.py, reads the JSON only and tags placeholders).
         self.read_sample: Callable[[int, int], RawSample] = self.read_document
@@ -160,15 +163,33 @@ class SourceStream:
             self._orders[epoch] = order
         return self._orders[epoch]
 
+    def global_doc(self, epoch: int, g: int) -> tuple[int, str]:
+        """(shard index, key) at position g of epoch `epoch`'s order over all ranks (the order
+        `order` slices; it does not depend on the number of ranks)."""
+        seed, sid = self.cfg.seed, self.stream_id
+        off = 0
+        for s in (int(x) for x in np.random.default_rng([seed, sid, epoch]).permutation(len(self.paths))):
+            n = self.sizes[s]
+            if g < off + n:
+                kperm = np.random.default_rng([seed, sid, epoch, s]).permutation(n)
+                return s, self.reader(s).keys[kperm[g - off]]
+            off += n
+        raise IndexError(f"SourceStream {self.source}: position {g} beyond the {off} documents of an epoch")
+
+    def _doc(self, epoch: int, index: int) -> tuple[int, str]:
+        # index < 0: a carried document at global position -1 - index (world_change.carried_index)
+        return self.global_doc(epoch, -1 - index) if index < 0 else self.order(epoch)[index]
+
     def read_document(self, epoch: int, index: int) -> RawSample:
         """Raw bytes of a document (one thread only: tar handles are not thread-safe)."""
-        shard, key = self.order(epoch)[index]
+        shard, key = self._doc(epoch, index)
         return self.reader(shard).read(key)
 
     def _process(self, raw, epoch: int, index: int, ids: SpecialIds, augment: bool) -> list:
         """The document's items with its images as undecoded placeholders (lazy_images.py), each
         seeded by (seed, stream, epoch, index, image slot): a pure function of the position."""
-        key = [self.cfg.seed, self.stream_id, epoch, index]
+        key = [self.cfg.seed, self.stream_id, epoch, index] if index >= 0 else \
+            [self.cfg.seed, self.stream_id, epoch, 1 << 40, -1 - index]  # a handed-over document
         parts = []
         for part in raw.doc["parts"]:
             if isinstance(part, int):
@@ -187,7 +208,7 @@ class SourceStream:
                        (epoch, index))
 
     def key_of(self, epoch: int, index: int) -> str:
-        return self.order(epoch)[index][1]
+        return self._doc(epoch, index)[1]
 
     def _normalize(self, epoch: int, index: int) -> tuple[int, int]:
         n = self.per_rank
@@ -195,6 +216,11 @@ class SourceStream:
 
     def next_items(self, ids: SpecialIds, augment: bool) -> tuple[tuple[int, int], list]:
         """(position, items) of the next document (images undecoded); advances the cursor."""
+        if self.carry:  # documents handed over from another number of ranks come first
+            epoch, lo, hi = self.carry[0]
+            self.carry = [[epoch, lo + 1, hi]] + self.carry[1:] if lo + 1 < hi else self.carry[1:]
+            pos = (epoch, -1 - lo)
+            return pos, self.fetch_items(*pos, ids, augment)
         self.epoch, self.index = self._normalize(self.epoch, self.index)
         pos = (self.epoch, self.index)
         items = self.fetch_items(*pos, ids, augment)
@@ -375,11 +401,12 @@ class TrainLoader:
             "config": self._fingerprint(),
             "step": self.step,
             "mixture": self.mixture.state_dict(),
-            "streams": {self.cfg.sources[s]: {"epoch": st.epoch, "index": st.index,
+            "streams": {self.cfg.sources[s]: {"epoch": st.epoch, "index": st.index, "carry": st.carry,
                                               "buffer": [list(p.ref) for p in self.packers[s].buffer]}
                         for s, st in self.streams.items()},
             "filler": None if self.filler is None else {
-                "epoch": self.filler.stream.epoch, "index": self.filler.stream.index, **self.filler.state_dict()},
+                "epoch": self.filler.stream.epoch, "index": self.filler.stream.index,
+                "carry": self.filler.stream.carry, **self.filler.state_dict()},
         }
 
     def load_state_dict(self, d: dict) -> None:
@@ -392,6 +419,7 @@ class TrainLoader:
         for s, st in self.streams.items():
             sd = d["streams"][self.cfg.sources[s]]
             st.epoch, st.index = int(sd["epoch"]), int(sd["index"])
+            st.carry = [list(map(int, r)) for r in sd.get("carry", [])]
             packer = self.packers[s]
             packer.buffer = []
             cache: dict[tuple[int, int], list[Piece]] = {}
@@ -404,6 +432,7 @@ class TrainLoader:
             fd = d["filler"]
             fs = self.filler.stream
             fs.epoch, fs.index = int(fd["epoch"]), int(fd["index"])
+            fs.carry = [list(map(int, r)) for r in fd.get("carry", [])]
             self.filler.load_state_dict(fd, self.ids, self.cfg.augment)
 
 
