@@ -1,5 +1,5 @@
 """Elastic resume (pretrain/checkpoint/elastic.py): a checkpoint saved on 2 gloo ranks continues on
-1 rank and back on 2, for dense ZeRO-2, dense ZeRO-3 and the MoE at expert-parallel size 2 -> 1.
+1 rank and back on 2, for dense ZeRO-2, ZeRO-3, ZeRO-0 and the MoE at expert-parallel size 2 -> 1.
 
 References are DeepSpeed's own gathers of the live engines (tests/engines.full_reference):
   - after resharding, the fp32 master weights and both Adam moments equal, element for element,
@@ -22,11 +22,12 @@ import torch
 from tests.engines import build_engine, full_reference, init_worker, spawn, tiny_run_config, train_steps
 
 # name -> (kind, zero stage, ep on 2 ranks, ep on 1 rank)
-LAYOUTS = {"dense_z2": ("early", 2, 1, 1), "dense_z3": ("early", 3, 1, 1), "moe_z2": ("moe", 2, 2, 1)}
+LAYOUTS = {"dense_z2": ("early", 2, 1, 1), "dense_z3": ("early", 3, 1, 1), "moe_z2": ("moe", 2, 2, 1),
+           "dense_z0": ("early", 0, 1, 1)}
 SAVE_AT, STEPS = 2, 4
 
 
-INIT_STAGE = {"dense_z2": 3, "dense_z3": 1, "moe_z2": 1}
+INIT_STAGE = {"dense_z2": 3, "dense_z3": 1, "moe_z2": 1, "dense_z0": 2}
 
 
 def _save_weights(rank, out: Path, name: str, engine) -> None:

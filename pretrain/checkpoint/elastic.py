@@ -122,6 +122,9 @@ def _apply_zero3(engine, params, step: float | None) -> None:
 def apply_full_state(engine, state: FullState) -> None:
     """Write a full state into this rank's partitions of `engine` (ZeRO 1-3)."""
     stage = int(engine.zero_optimization_stage())
+    if state.zero_stage == 0 or not state.moments:
+        raise CheckpointError("a checkpoint saved without ZeRO keeps its optimizer in DeepSpeed's own format; "
+                              "resume it with train.zero_stage=0")
     if state.adam_step is None:
         raise CheckpointError("the checkpoint holds no Adam step count")
     params = _full_params(engine, state)
@@ -168,6 +171,9 @@ def _restore_counters(engine, meta: dict) -> None:
 def load_resharded(engine, path: Path, state: FullState | None = None) -> FullState | None:
     """Read `path` (unless `state` is given) and load it into `engine` on its current layout."""
     if int(engine.zero_optimization_stage()) == 0:
+        if state is not None and state.zero_stage != 0:
+            raise CheckpointError(f"{path}: saved with ZeRO-{state.zero_stage}; resuming it without ZeRO "
+                                  f"(train.zero_stage=0) is not supported, use a ZeRO stage 1-3")
         from pretrain.checkpoint.safe_io import install_safe_engine
         install_safe_engine(engine)
         load_path, _ = engine.load_checkpoint(str(Path(path).parent), tag=Path(path).name)

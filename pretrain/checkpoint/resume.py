@@ -59,7 +59,8 @@ def preflight(path: Path, model_cfg, layout_now: dict) -> dict:
     before = saved_layout(path)
     if model_cfg is not None:
         check_fits(path, model_cfg)
-    same = before["world_size"] == layout_now["world_size"] and before["ep_size"] == layout_now["ep_size"]
+    same = (before["world_size"] == layout_now["world_size"] and before["ep_size"] == layout_now["ep_size"]
+            and before["zero_stage"] in (None, layout_now["zero_stage"]))
     out = {"before": before, "same": same, "full": None, "clients": None}
     if same:
         for f in _files_for_rank(path, rank, before):
