@@ -10,6 +10,9 @@ References are DeepSpeed's own gathers of the live engines (tests/engines.full_r
     over 2 micro-batches and then across ranks, and fp32 addition is not associative.
 Also `train.init_from` (pretrain/checkpoint/start.py): the saved weights into another ZeRO stage on
 1 rank, exactly, with a fresh optimizer and step 0.
+And `load_consolidated` (pretrain/checkpoint/consolidated.py) on every saved layout, late fusion
+included: the full fp32 state equals DeepSpeed's gather, loads strictly into the plain model built
+from the saved config, and a config of another shape is refused naming the differing keys.
 Run:  python -m pytest tests/test_elastic_resume.py -q
 """
 from __future__ import annotations
@@ -27,6 +30,7 @@ LAYOUTS = {"dense_z2": ("early", 2, 1, 1), "dense_z3": ("early", 3, 1, 1), "moe_
 SAVE_AT, STEPS = 2, 4
 
 
+SAVE_ONLY = {"late_z1": ("late", 1, 1, 1)}  # saved for the load_consolidated checks only
 INIT_STAGE = {"dense_z2": 3, "dense_z3": 1, "moe_z2": 1, "dense_z0": 2}
 
 
@@ -57,7 +61,7 @@ def _phase(rank: int, world: int, port: int, out_dir: str, phase: str) -> None:
     from pretrain import checkpoint
 
     out = Path(out_dir)
-    for name, (kind, zero, ep2, ep1) in LAYOUTS.items():
+    for name, (kind, zero, ep2, ep1) in {**LAYOUTS, **(SAVE_ONLY if phase == "two_first" else {})}.items():
         engine = None
         if phase == "two_first":  # uninterrupted 2-rank run, saving at SAVE_AT
             cfg = tiny_run_config(kind, zero, ep2, world=2)
@@ -143,3 +147,49 @@ def test_init_from_takes_weights_only(runs, name):
     for k, v in saved["weights"].items():
         assert torch.equal(init["weights"][k], v), k
     assert init["optimizer_fresh"] and init["global_steps"] == 0
+
+
+@pytest.mark.parametrize("name", [*LAYOUTS, *SAVE_ONLY])
+def test_consolidated_equals_engine_gather(runs, name):
+    from pretrain.checkpoint import load_consolidated
+    from pretrain.models import build_model
+
+    ref = _load(runs, f"{name}.a")["weights"]
+    step_dir = runs / name / "a" / f"step_{SAVE_AT:08d}"
+    for path in (runs / name / "a", step_dir):  # run dir (here: its checkpoints folder) or step dir
+        ck = load_consolidated(path)
+        assert ck.step == SAVE_AT and ck.path == step_dir
+        assert set(ck.model_state) == set(ref)
+        for k, v in ref.items():
+            assert ck.model_state[k].dtype == torch.float32
+            assert torch.equal(ck.model_state[k], v), k
+    model = build_model(ck.config.model)
+    assert sorted(model.state_dict()) == sorted(ck.model_state)
+    model.load_state_dict(ck.model_state, strict=True)
+
+
+def test_consolidated_shape_mismatch_names_the_keys(runs):
+    from pretrain.checkpoint import CheckpointError, load_consolidated
+    from pretrain.checkpoint.consolidated import load_run_config
+    from pretrain.checkpoint.layout import resolve_step_dir
+
+    cfg = load_run_config(resolve_step_dir(runs / "dense_z3" / "a"))
+    cfg.model.vocab_size = 80  # embedding and output rows differ, nothing else
+    with pytest.raises(CheckpointError) as err:
+        load_consolidated(runs / "dense_z3" / "a", config=cfg)
+    msg = str(err.value)
+    assert "embed.weight: checkpoint (64, 32) vs config (80, 32)" in msg
+    assert "2 keys differ" in msg  # embed.weight and the output head, nothing else
+
+
+def test_consolidated_refuses_incomplete_checkpoint(runs, tmp_path):
+    import shutil
+    from pretrain.checkpoint import CheckpointError, load_consolidated
+
+    step = tmp_path / "checkpoints" / "step_00000002"
+    shutil.copytree(runs / "moe_z2" / "a" / "step_00000002", step)
+    (step / "COMPLETE").unlink()
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        load_consolidated(tmp_path)
+    with pytest.raises(CheckpointError, match="interrupted"):
+        load_consolidated(step)
