@@ -131,3 +131,24 @@ def test_filler_position_is_handed_over(tiny_demo):
     assert new.filler.pos is None or new.filler.offset == old[0].filler.offset
     for _ in range(3):
         _step([new])
+
+
+def test_handed_over_position_same_with_worker_processes(tiny_demo):
+    """The re-split state gives the same batches with data.num_workers=2 (workers.py) as without."""
+    import torch
+    from pretrain.data.world_change import docs_per_epoch, reshard_loader_states
+
+    cfg = _cfg(tiny_demo)
+    old = _loaders(cfg, 2)
+    for _ in range(CHANGE_AT):
+        _step(old)
+    states, _ = reshard_loader_states([ld.state_dict() for ld in old], 1, micro_batch_size=MICRO,
+                                      docs_per_epoch=docs_per_epoch(cfg))
+    batches = {}
+    for workers in (0, 2):
+        (new,) = _loaders(_cfg(tiny_demo, f"data.num_workers={workers}"), 1)
+        new.load_state_dict(states[0])
+        batches[workers] = [next(new) for _ in range(6)]
+        new.close()
+    for a, b in zip(batches[0], batches[2]):
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.patches, b.patches)
