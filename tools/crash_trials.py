@@ -64,8 +64,17 @@ def run_once(args, run_dir: Path, kill: tuple[str, float] | None, log) -> str:
 def _due(kill: tuple[str, float], t0: float, run_dir: Path) -> bool:
     if kill[0] == "time":
         return time.time() - t0 >= kill[1]
+    # a save in progress: a step directory written to since this launch began, without COMPLETE
+    # (one left incomplete by an earlier kill does not count)
     ckpts = run_dir / "checkpoints"
-    return ckpts.is_dir() and any(not (p / "COMPLETE").exists() for p in ckpts.glob("step_*"))
+    return ckpts.is_dir() and any(not (p / "COMPLETE").exists() and _mtime(p) >= t0 for p in ckpts.glob("step_*"))
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # pruned meanwhile
+        return 0.0
 
 
 def train_records(run_dir: Path) -> list[dict]:
