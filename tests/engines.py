@@ -131,6 +131,19 @@ def spawn(target, world: int, args: tuple = (), timeout: float = 300) -> None:
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
 
 
+def full_weight(engine, p) -> torch.Tensor:
+    """A parameter's full fp32 value as DeepSpeed gathers it (frozen ones: the module's copy)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    if p.requires_grad and engine.zero_optimization_stage():
+        return safe_get_full_fp32_param(p)
+    if hasattr(p, "ds_id"):  # ZeRO-3 shard of a frozen parameter
+        import deepspeed
+        with deepspeed.zero.GatheredParameters([p]):
+            return p.detach().float().clone()
+    return p.detach().float()
+
+
 def full_reference(engine) -> dict:
     """DeepSpeed's own gather of every parameter's fp32 master weight and Adam moments, in the
     plain model's names with every expert (collective: every rank calls it)."""
@@ -146,7 +159,7 @@ def full_reference(engine) -> dict:
         engine.optimizer._hp_optimizer_states_linked = False
         engine.optimizer._lazy_init_hp_params_optimizer_state()
     for name, p in engine.module.named_parameters():
-        vals = {"weights": safe_get_full_fp32_param(p) if zero else p.detach().float(),
+        vals = {"weights": full_weight(engine, p),
                 "exp_avg": safe_get_full_optimizer_state(p, "exp_avg") if zero else None,
                 "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq") if zero else None}
         if not zero:

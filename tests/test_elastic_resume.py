@@ -1,5 +1,6 @@
 """Elastic resume (pretrain/checkpoint/elastic.py): a checkpoint saved on 2 gloo ranks continues on
-1 rank and back on 2, for dense ZeRO-2, ZeRO-3, ZeRO-0 and the MoE at expert-parallel size 2 -> 1.
+1 rank and back on 2, for dense ZeRO-2, ZeRO-3, ZeRO-0, late fusion with a frozen encoder (ZeRO-3)
+and the MoE at expert-parallel size 2 -> 1.
 
 References are DeepSpeed's own gathers of the live engines (tests/engines.full_reference):
   - after resharding, the fp32 master weights and both Adam moments equal, element for element,
@@ -26,19 +27,26 @@ from tests.engines import build_engine, full_reference, init_worker, spawn, tiny
 
 # name -> (kind, zero stage, ep on 2 ranks, ep on 1 rank)
 LAYOUTS = {"dense_z2": ("early", 2, 1, 1), "dense_z3": ("early", 3, 1, 1), "moe_z2": ("moe", 2, 2, 1),
-           "dense_z0": ("early", 0, 1, 1)}
+           "dense_z0": ("early", 0, 1, 1), "late_frozen_z3": ("late", 3, 1, 1)}
 SAVE_AT, STEPS = 2, 4
 
 
 SAVE_ONLY = {"late_z1": ("late", 1, 1, 1)}  # saved for the load_consolidated checks only
-INIT_STAGE = {"dense_z2": 3, "dense_z3": 1, "moe_z2": 1, "dense_z0": 2}
+INIT_STAGE = {"dense_z2": 3, "dense_z3": 1, "moe_z2": 1, "dense_z0": 2, "late_frozen_z3": 2}
+
+
+def _cfg(name: str, kind: str, zero: int, ep: int, world: int, gas: int = 2):
+    cfg = tiny_run_config(kind, zero, ep, world=world, gas=gas)
+    if "frozen" in name:  # the vision encoder frozen (lr_mult 0): parameters without optimizer state
+        cfg.model.vision.lr_mult = 0.0
+    return cfg
 
 
 def _save_weights(rank, out: Path, name: str, engine) -> None:
-    from deepspeed.utils import safe_get_full_fp32_param
     from pretrain.checkpoint.zero_files import plain_name
+    from tests.engines import full_weight
 
-    weights = {plain_name(n): safe_get_full_fp32_param(p).clone() for n, p in engine.module.named_parameters()}
+    weights = {plain_name(n): full_weight(engine, p).clone() for n, p in engine.module.named_parameters()}
     fresh = all(not st for st in engine.optimizer.optimizer.state.values())
     if rank == 0:
         torch.save({"weights": weights, "optimizer_fresh": fresh, "global_steps": engine.global_steps},
@@ -64,7 +72,7 @@ def _phase(rank: int, world: int, port: int, out_dir: str, phase: str) -> None:
     for name, (kind, zero, ep2, ep1) in {**LAYOUTS, **(SAVE_ONLY if phase == "two_first" else {})}.items():
         engine = None
         if phase == "two_first":  # uninterrupted 2-rank run, saving at SAVE_AT
-            cfg = tiny_run_config(kind, zero, ep2, world=2)
+            cfg = _cfg(name, kind, zero, ep2, world=2)
             engine = build_engine(cfg, 2)
             losses = train_steps(engine, rank, range(SAVE_AT), global_rows=True)
             checkpoint.save(engine, out / name / "a", SAVE_AT, {}, keep=1, config=cfg)
@@ -73,7 +81,7 @@ def _phase(rank: int, world: int, port: int, out_dir: str, phase: str) -> None:
             if rank == 0:
                 torch.save(losses, out / f"{name}.uninterrupted.pt")
         elif phase == "one":  # resume that checkpoint on 1 rank, continue, save again at STEPS
-            cfg = tiny_run_config(kind, zero, ep1, world=1, gas=4)  # the same global batch
+            cfg = _cfg(name, kind, zero, ep1, world=1, gas=4)  # the same global batch
             engine = build_engine(cfg, 1, seed=123)  # other initial weights: everything must be loaded
             client = checkpoint.load(engine, out / name / "a" / f"step_{SAVE_AT:08d}")
             assert client["resharded"]["from"]["world_size"] == 2
@@ -83,13 +91,13 @@ def _phase(rank: int, world: int, port: int, out_dir: str, phase: str) -> None:
             _save_ref(rank, out, f"{name}.b", engine, {"losses": losses})
             del engine
             # train.init_from: the weights only, into another ZeRO stage; the optimizer stays fresh
-            cfg = tiny_run_config(kind, INIT_STAGE[name], ep1, world=1, gas=4)
+            cfg = _cfg(name, kind, INIT_STAGE[name], ep1, world=1, gas=4)
             cfg.train.init_from = str(out / name / "a")
             engine = build_engine(cfg, 1, seed=5)
             checkpoint.start(engine, None, cfg, out / name / "fresh_run", log=lambda m: None)
             _save_weights(rank, out, f"{name}.init_from", engine)
         elif phase == "two_again" and name == "dense_z2":  # and back on 2 ranks
-            cfg = tiny_run_config(kind, zero, ep2, world=2)
+            cfg = _cfg(name, kind, zero, ep2, world=2)
             engine = build_engine(cfg, 2, seed=7)
             checkpoint.load(engine, out / name / "b" / f"step_{STEPS:08d}")
             _save_ref(rank, out, f"{name}.two_loaded", engine, {})
@@ -120,6 +128,9 @@ def _assert_same_state(a: dict, b: dict) -> None:
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_two_to_one_rank_state_is_exact(runs, name):
     saved, loaded = _load(runs, f"{name}.a"), _load(runs, f"{name}.one_loaded")
+    if "frozen" in name:  # the encoder really has no optimizer state
+        frozen = set(saved["weights"]) - set(saved["exp_avg"])
+        assert frozen and all(k.startswith("image_embedder.") for k in frozen)
     _assert_same_state(saved, loaded)
     assert loaded["global_steps"] == saved["global_steps"] == SAVE_AT
     assert loaded["global_samples"] == saved["global_samples"]

@@ -56,7 +56,9 @@ def _full_params(engine, state: FullState, kinds=("weights",) + MOMENTS) -> list
             continue
         shape = p.ds_shape if hasattr(p, "ds_shape") else p.shape
         source = {"weights": state.weights, **state.moments}
-        vals = {kind: _local(source[kind][key], name, shape, engine.module) for kind in kinds}
+        # a frozen parameter (requires_grad False) has weights only, no optimizer state
+        vals = {kind: _local(source[kind][key], name, shape, engine.module)
+                for kind in (kinds if p.requires_grad else ("weights",))}
         out.append((p, vals))
     if missing:
         raise CheckpointError(f"parameters missing from the checkpoint: {missing[:10]}")
@@ -106,8 +108,13 @@ def _apply_zero3(engine, params, step: float | None) -> None:
         _adam_state(zopt.optimizer, flat, step)
     for p, vals in params:
         part = math.ceil(p.ds_numel / world)
-        my_rank = zopt._get_param_partition_rank(p) if hasattr(zopt, "_get_param_partition_rank") else \
-            torch.distributed.get_rank(zopt.dp_process_group)
+        if not p.requires_grad:  # frozen: only the module's own shard, no fp32 copy
+            flat_full = torch.zeros(part * world, dtype=torch.float32)
+            flat_full[:p.ds_numel] = vals["weights"].flatten()
+            p.ds_tensor.data.copy_(flat_full.narrow(0, part * _z3_rank(zopt, p), p.ds_tensor.numel())
+                                   .to(p.ds_tensor.dtype))
+            continue
+        my_rank = _z3_rank(zopt, p)
         for kind in vals:
             flat_full = torch.zeros(part * world, dtype=torch.float32)
             flat_full[:p.ds_numel] = vals[kind].flatten()
@@ -117,6 +124,12 @@ def _apply_zero3(engine, params, step: float | None) -> None:
             target.copy_(mine.narrow(0, 0, target.numel()))
             if kind == "weights":
                 p.ds_tensor.data.copy_(mine.narrow(0, 0, p.ds_tensor.numel()).to(p.ds_tensor.dtype))
+
+
+def _z3_rank(zopt, p) -> int:
+    if hasattr(zopt, "_get_param_partition_rank"):
+        return zopt._get_param_partition_rank(p)
+    return torch.distributed.get_rank(zopt.dp_process_group)
 
 
 def apply_full_state(engine, state: FullState) -> None:

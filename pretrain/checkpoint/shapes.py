@@ -44,6 +44,8 @@ def checkpoint_shapes(step_dir) -> dict[str, torch.Size]:
             if is_expert(name):
                 shape = torch.Size([shape[0] * ep, *shape[1:]])
             shapes[plain_name(name)] = shape
+    for name, shape in (meta.get("frozen_param_shapes") or {}).items():
+        shapes[plain_name(name)] = torch.Size(shape)
     if not shapes:  # ZeRO 0: no param_shapes record; the module holds every non-expert weight
         shapes = {plain_name(k): v.shape for k, v in meta["module"].items()}
         for f in step_dir.glob("layer_*_expert_0_mp_rank_00_model_states.pt"):

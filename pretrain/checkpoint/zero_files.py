@@ -194,6 +194,8 @@ def _read_stage12(step_dir: Path, meta: dict, optims: list[dict], want_moments: 
     if missing:
         raise CheckpointError(f"{step_dir}: no optimizer fragment for {missing[:5]}")
     _add_buffers(out["weights"], meta)
+    for name in meta.get("frozen_param_shapes") or {}:  # not trained: whole in the module state
+        out["weights"][plain_name(name)] = meta["module"][name].float()
     return FullState(weights=out["weights"], moments={m: out[m] for m in keys[1:]}, adam_step=step,
                      zero_stage=_stage(optims[0]), world_size=world, ep_size=ep_size)
 
@@ -226,8 +228,22 @@ def _read_stage3(step_dir: Path, meta: dict, optims: list[dict], want_moments: b
         raise CheckpointError(f"{step_dir}: ZeRO-3 partitions hold {avail} elements per rank, the parameters "
                               f"need {offset}")
     _add_buffers(out["weights"], meta)
+    _add_frozen_zero3(step_dir, meta, out["weights"], world)
     return FullState(weights=out["weights"], moments={m: out[m] for m in keys[1:]}, adam_step=step,
                      zero_stage=3, world_size=world, ep_size=1)
+
+
+def _add_frozen_zero3(step_dir: Path, meta: dict, weights: dict, world: int) -> None:
+    """ZeRO-3 keeps each rank's partition of a frozen parameter in its own model-state file."""
+    frozen = meta.get("frozen_param_shapes") or {}
+    if not frozen:
+        return
+    files = _files(step_dir, "zero_pp_rank_*_mp_rank_00_model_states.pt", r"zero_pp_rank_(\d+)_")
+    parts = [safe_load(f).get("frozen_param_fragments") or {} for f in files]
+    for name, shape in frozen.items():
+        shape = torch.Size(shape)
+        full = torch.cat([p[name].float().flatten() for p in parts])
+        weights[plain_name(name)] = full[:shape.numel()].view(shape).clone()
 
 
 def _add_buffers(weights: dict, meta: dict) -> None:
