@@ -119,6 +119,19 @@ def test_native_roundtrip_every_kind(kind, tmp_path, tokenizer_path):
     assert loaded.config.model == reloaded.cfg
 
 
+def test_native_bf16_export_holds_rounded_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    from pretrain.export import export_native, load_exported
+    cfg = _model_cfg("moe", vocab=64)
+    model = _perturbed_model(cfg, seed=8)
+    export_native(_source(cfg, model, None), tmp_path, dtype=torch.bfloat16)
+    assert {v.dtype for v in load_file(str(tmp_path / "model.safetensors")).values()} == {torch.bfloat16}
+    got = load_exported(tmp_path).state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(got[k], v.to(torch.bfloat16).float()), k
+
+
 def test_native_export_rejects_weights_that_do_not_fit(tmp_path):
     from pretrain.export import export_native
     cfg = _model_cfg("early", vocab=64)

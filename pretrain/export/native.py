@@ -47,13 +47,18 @@ def export_native(src: Source, out: str | Path, dtype: torch.dtype = torch.float
 def read_export(path: str | Path) -> Source:
     """A native export directory as a `Source` (fp32 state, run config with model and data)."""
     from pretrain.config import ConfigError, RunConfig, _build
+    from pretrain.data.config import DataConfig
     path = Path(path)
     meta = json.loads((path / "config.json").read_text())
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path}/config.json: format_version {meta['format_version']} is newer than this "
                          f"code reads ({FORMAT_VERSION}); update pretrain")
+    # The data section only informs (image size, sequence length): keys this version does not
+    # know are dropped rather than making an older or newer export unreadable.
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    data = {k: v for k, v in (meta.get("data") or {}).items() if k in known}
     try:
-        cfg = _build(RunConfig, {"model": meta["model"], "data": meta.get("data", {})})
+        cfg = _build(RunConfig, {"model": meta["model"], "data": data})
     except (ConfigError, KeyError) as e:
         raise ValueError(f"{path}/config.json: cannot rebuild the model config: {e}") from None
     state = {k: v.float() if v.is_floating_point() else v
