@@ -13,7 +13,9 @@ spans `<boi>, patches..., <eoi>`); attention is causal, bidirectional inside eac
 (`image_ids` >= 0 on its patches, -1 elsewhere) and never crosses documents (`doc_ids`); positions
 restart at 0 in each document unless `position_ids` is given. Pixels are scaled to [-1, 1]
 (mean/std 0.5) and each patch is flattened channel-last (`p*p*C`) in raster order. Without
-`patches`/`is_patch` the call is plain Qwen3 (text, generation, caches).
+`patches`/`is_patch` the call is plain Qwen3 (text, generation, caches). The multimodal call
+scores whole packed rows (no KV cache: its mask covers the given tokens only); generation with
+images is `pretrain`'s own (tools/generate.py).
 """
 from __future__ import annotations
 
