@@ -386,8 +386,9 @@ def test_checkpoint_export_reload_equals_trained_module(case, trained, tmp_path,
 def test_moe_ep2_checkpoint_to_hf(trained, tmp_path, capsys):
     from pretrain.export import load_model
     run_dir, expected = trained["moe_ep2"]
-    rc, out = _export_main(capsys, "--checkpoint", run_dir, "--out", tmp_path / "hf", "--format", "hf")
+    rc, out = _export_main(capsys, "--checkpoint", run_dir, "--out", tmp_path / "hf", "--format", "hf", "--verify")
     assert rc == 0, out
+    assert re.search(r"verify: .* max \|logit difference\| \S+ on a random text row \(ok\)", out), out
     loaded = load_model(run_dir)  # straight from the checkpoint, as generation does
     assert loaded.step == 3 and loaded.config.model.moe.expert_parallel_size == 2
     assert loaded.tokenizer_path and Path(loaded.tokenizer_path).is_file()

@@ -8,7 +8,8 @@ directory (dense ZeRO 0-3, MoE at any expert-parallel size, late fusion) or a na
 native: model.safetensors + config.json + tokenizer.model, loaded by
 `pretrain.export.load_exported(DIR)` without DeepSpeed. hf: a directory that stock transformers
 loads (`AutoModelForCausalLM` / `AutoTokenizer.from_pretrained(DIR)`; the image path with
-`trust_remote_code=True`); models Qwen3 cannot express are refused (exit status 2) with the reason.
+`trust_remote_code=True`); models Qwen3 cannot express are refused (exit status 2) with the reason;
+`--verify` compares the result's logits in transformers with ours (exit status 3 on a mismatch).
 """
 from __future__ import annotations
 
@@ -30,11 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output directory (created; files in it are overwritten)")
     p.add_argument("--format", choices=("native", "hf"), default="native")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the saved weights")
+    p.add_argument("--verify", action="store_true",
+                   help="hf: load the result with transformers and compare its logits with ours (fp32)")
     p.add_argument("--tokenizer", default=None,
                    help="sentencepiece model to ship (default: the run's data.tokenizer or its manifest's)")
     args = p.parse_args(argv)
 
-    from pretrain.export.hf import ExportRefused, check_hf_exportable, export_hf
+    from pretrain.export.hf import ExportRefused, check_hf_exportable, export_hf, verify_hf_export
     from pretrain.export.native import export_native
     from pretrain.export.source import load_source
 
@@ -62,6 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     n = sum(v.numel() for v in src.model_state.values())
     print(f"exported {args.format} model.kind={src.config.model.kind} step {src.step} "
           f"({n:,} parameters, {args.dtype}) from {src.path} to {out} in {time.time() - t0:.1f}s")
+    if args.verify and args.format == "hf":
+        diff = verify_hf_export(src, out, DTYPES[args.dtype])
+        ok = diff <= 1e-4
+        print(f"verify: transformers vs pretrain, max |logit difference| {diff:.3g} on a random text row "
+              f"({'ok' if ok else 'MISMATCH'})")
+        if not ok:
+            return 3
     return 0
 
 

@@ -177,3 +177,25 @@ def export_hf(src: Source, out: str | Path, dtype: torch.dtype = torch.float32) 
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     shutil.copyfile(REMOTE_CODE, out / REMOTE_CODE.name)
     return out
+
+
+@torch.no_grad()
+def verify_hf_export(src: Source, out: str | Path, dtype: torch.dtype = torch.float32, seq_len: int = 32,
+                     seed: int = 0) -> float:
+    """Max |logit difference| between `transformers` loading `out` and our module with the same
+    (`dtype`-rounded) weights on a random text row, both computing in fp32 on the CPU. Needs the
+    memory of two copies of the model."""
+    from transformers import AutoModelForCausalLM
+
+    from pretrain.batch import PackedBatch
+    rounded = {k: v.to(dtype).float() if v.is_floating_point() else v for k, v in src.model_state.items()}
+    model = build_from_state(src.config, rounded, src.path)
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    T = min(seq_len, src.config.data.seq_len)
+    ids_1T = torch.randint(0, src.config.model.vocab_size, (1, T), generator=torch.Generator().manual_seed(seed))
+    zeros = torch.zeros(1, T, dtype=torch.int32)
+    batch = PackedBatch(ids_1T, torch.zeros(0, src.config.model.patch_dim), torch.zeros(1, T, dtype=torch.bool),
+                        zeros, zeros - 1, torch.arange(T, dtype=torch.int32)[None], torch.zeros(1, T, dtype=torch.long),
+                        zeros.to(torch.int8))
+    ours_TV = model(batch, return_logits=True).target_logits
+    return float((hf(ids_1T).logits[0] - ours_TV).abs().max())
