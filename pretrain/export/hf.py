@@ -6,7 +6,9 @@ rotate-half RoPE with `inv_freq = theta^(-2i/head_dim)`, scale `head_dim^-0.5`, 
 `w2(silu(w1 x) * w3 x)` = `down(silu(gate x) * up x)`, no biases, untied output head, one RMSNorm
 epsilon everywhere). Our MoE layer is Qwen3-MoE's sparse block with `norm_topk_prob=False`:
 fp32 softmax router, top-k, outputs scaled by the raw probabilities; every layer sparse
-(`decoder_sparse_step=1`, no `mlp_only_layers`), experts of the dense FFN's size.
+(`decoder_sparse_step=1`, no `mlp_only_layers`), experts of the dense FFN's size. Equal in fp32;
+in bf16, transformers computes the router logits in bf16 where we use fp32, so near-tied routing
+choices can differ there.
 
 The image path travels in the same `model.safetensors` under `image_embedder.*` (the patch
 projection, or the late-fusion ViT with its projection), with `modeling_native_mm.py` beside it:
