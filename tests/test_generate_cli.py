@@ -16,9 +16,7 @@ from pretrain.data.tokenizer import Tokenizer
 from pretrain.generate import GenerationConfig, InferenceModel, generate
 from tests.helpers import REPO
 
-# The export (issue 13 part A) writes the model these tests load; until it is merged there is
-# nothing to load from files.
-pytest.importorskip("pretrain.export", reason="pretrain.export (model export) is not in this tree yet")
+import pretrain.export  # noqa: E402,F401 (the export writes the model these tests load)
 from tests.test_evaluate_tasks import coco  # noqa: F401 (fixture)
 from tests.test_generate import IMAGE, PATCH, tiny_model
 
