@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pretrain.export.hf import ExportRefused, check_hf_exportable, export_hf, verify_hf_export
     from pretrain.export.native import export_native
-    from pretrain.export.source import load_source
+    from pretrain.export.loading import load_source
 
     t0 = time.time()
     try:

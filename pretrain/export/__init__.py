@@ -14,7 +14,8 @@ Two formats, both one directory:
 
 Command line:  python tools/export.py --checkpoint runs/demo --out exports/demo [--format hf]
 """
+from pretrain.export.loading import load_model, load_source
 from pretrain.export.native import export_native, load_exported
-from pretrain.export.source import LoadedModel, load_model, load_source
+from pretrain.export.source import LoadedModel
 
 __all__ = ["LoadedModel", "export_native", "load_exported", "load_model", "load_source"]

@@ -64,19 +64,6 @@ def run_tokenizer_path(cfg: RunConfig) -> str | None:
     return str(path) if path.is_file() else None
 
 
-def load_source(path: str | Path) -> Source:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such run, checkpoint or export directory")
-    if is_native_export(path):
-        from pretrain.export.native import read_export
-        return read_export(path)
-    from pretrain.checkpoint import load_consolidated
-    c = load_consolidated(path)
-    return Source(config=c.config, step=int(c.step), model_state=c.model_state,
-                  tokenizer_path=run_tokenizer_path(c.config), path=str(path))
-
-
 def plain_model_config(cfg: RunConfig):
     """The model section for a single process: every expert local, nothing DeepSpeed-specific."""
     model_cfg = copy.deepcopy(cfg.model)
@@ -103,10 +90,3 @@ def build_from_state(cfg: RunConfig, state: dict, where: str, device="cpu",
                          f"the config gives {tuple(own[bad[0]].shape)}")
     model.load_state_dict(state, strict=True)
     return model.to(device=device, dtype=dtype).eval()
-
-
-def load_model(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """A ready module from a run directory, a checkpoint step directory or a native export."""
-    src = load_source(path)
-    model = build_from_state(src.config, src.model_state, src.path, device, dtype)
-    return LoadedModel(model=model, config=src.config, step=src.step, tokenizer_path=src.tokenizer_path)
