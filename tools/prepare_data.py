@@ -32,10 +32,13 @@ from pretrain.data.ingest.accounting import problems, top_reasons  # noqa: E402
 from pretrain.data.ingest.download import DEFAULT_DISALLOWED, DownloadConfig  # noqa: E402
 from pretrain.data.ingest.driver import IngestConfig, run_ingest  # noqa: E402
 
-DEFAULT_SOURCE = {"captions": "caption", "interleaved": "interleaved", "text": "text"}
+DEFAULT_SOURCE = {"captions": "caption", "interleaved": "interleaved", "text": "text", "llava": "sft"}
 
 
 def reader_for(kind: str):
+    if kind == "llava":
+        from pretrain.data.ingest.llava import read_llava
+        return read_llava
     if kind == "captions":
         from pretrain.data.ingest.captions import read_captions
         return read_captions

@@ -349,10 +349,12 @@ def build_batch(rows: list[list[Piece]], row_sources: list[int], seq_len: int, i
         n_docs = len(row)
         doc_ids_BT[b, t:] = arange_T[:T - t] + n_docs
         source_ids_BT[b, t:] = row_sources[b]
-    # labels[i] = tokens[i+1] iff token i+1 is a text token of the same document (and not a
-    # marker that `marker_targets` excludes).
+    context_BT = (tokens_BT & NO_LOSS) != 0
+    tokens_BT &= ~NO_LOSS
+    # labels[i] = tokens[i+1] iff token i+1 is a text token of the same document (and neither
+    # context-only, NO_LOSS, nor a marker that `marker_targets` excludes).
     labels_BT = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
-    keep_BT = (doc_ids_BT[:, 1:] == doc_ids_BT[:, :-1]) & ~is_patch_BT[:, 1:]
+    keep_BT = (doc_ids_BT[:, 1:] == doc_ids_BT[:, :-1]) & ~is_patch_BT[:, 1:] & ~context_BT[:, 1:]
     if marker_targets != "both":
         keep_BT &= tokens_BT[:, 1:] != ids.eoi
     if marker_targets == "none":

@@ -2,7 +2,11 @@
 
 Special pieces, all CONTROL symbols (sentencepiece never produces them from raw text, so a
 document containing the string "<boi>" cannot forge an image marker):
-    <pad> = 0, <unk> = 1, <s> (BOS) = 2, </s> (EOS) = 3, <boi> = 4, <eoi> = 5.
+    <pad> = 0, <unk> = 1, <s> (BOS) = 2, </s> (EOS) = 3, <boi> = 4, <eoi> = 5,
+    <|user|> = 6, <|assistant|> = 7, <|end|> = 8 (the chat template's role markers, pretrain/data/chat_template.py).
+The chat markers are reserved when the tokenizer is trained, so every pretrained model already has
+their embeddings and instruction tuning needs no vocabulary surgery. A tokenizer trained before
+they existed still works for pretraining; `chat_ids` names what is missing when SFT asks for them.
 Byte fallback is on, so any UTF-8 text round-trips without <unk>.
 
 Train from the command line with `python tools/train_tokenizer.py --input a.txt --output PREFIX`;
@@ -19,6 +23,7 @@ from typing import Iterable, Iterator, Union
 import sentencepiece as spm
 
 BOI, EOI = "<boi>", "<eoi>"
+USER, ASSISTANT, END = "<|user|>", "<|assistant|>", "<|end|>"  # chat role markers (SFT)
 
 
 def train_tokenizer(text_files_or_iter: Union[str, list[str], Iterable[str]], prefix: str,
@@ -33,7 +38,7 @@ def train_tokenizer(text_files_or_iter: Union[str, list[str], Iterable[str]], pr
         model_prefix=prefix, vocab_size=vocab_size, model_type=model_type,
         pad_id=0, unk_id=1, bos_id=2, eos_id=3,
         pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
-        control_symbols=[BOI, EOI], byte_fallback=True, hard_vocab_limit=False,
+        control_symbols=[BOI, EOI, USER, ASSISTANT, END], byte_fallback=True, hard_vocab_limit=False,
         character_coverage=1.0, max_sentence_length=max_sentence_length,
         num_threads=num_threads, minloglevel=2,
         # Digits split one by one, as in most LLM tokenizers; keeps numbers compositional.
@@ -70,6 +75,15 @@ class Tokenizer:
                 or self.eoi_id == self.sp.unk_id():
             raise ValueError(f"Tokenizer {path}: missing one of <s> </s> <pad> <boi> <eoi>")
         self.vocab_size = self.sp.get_piece_size()
+
+    def chat_ids(self) -> tuple[int, int, int]:
+        """(<|user|>, <|assistant|>, <|end|>) ids; ValueError if this tokenizer predates them."""
+        ids = tuple(self.sp.piece_to_id(p) for p in (USER, ASSISTANT, END))
+        if any(i == self.sp.unk_id() for i in ids):
+            raise ValueError(f"Tokenizer {self.path}: no chat markers {USER} {ASSISTANT} {END} "
+                             f"(trained before they were reserved); retrain it with "
+                             f"tools/train_tokenizer.py, which reserves them")
+        return ids
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text, out_type=int)

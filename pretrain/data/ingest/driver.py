@@ -127,7 +127,8 @@ class IngestConfig:
 
 @dataclass
 class RawDoc:
-    """One sample as a reader found it. parts: str (text) or int k (image k of `images`)."""
+    """One sample as a reader found it. parts: str (text), a list of token ids (text a reader
+    tokenized itself: the chat template), or int k (image k of `images`)."""
     key: str  # unique within its input file; the driver qualifies it with the file's name
     parts: list
     images: list  # bytes, or a BadImage when the reader could not get them (missing file, ...)
@@ -212,7 +213,7 @@ def _pieces(item: RawDoc, remap: dict, tok: Tokenizer, cfg: IngestConfig,
             if p in remap:
                 parts.append(remap[p])
         elif p:
-            ids = tok.encode(p)
+            ids = p if isinstance(p, list) else tok.encode(p)  # a list: ids already (chat template)
             if ids:
                 parts.append(ids)
                 n_text += len(ids)
