@@ -33,6 +33,14 @@ from pretrain.data.config import DataConfig
 from pretrain.data.images import process_image
 
 
+# A text id with this bit set is context only: it is laid out as `id & ~NO_LOSS` and is never a
+# target (labels -100 where it is the next token). Instruction tuning (pretrain/data/chat_template.py)
+# marks the user's turns this way so the loss covers the assistant's tokens only; it rides through
+# packing, cutting and stored rows untouched because it is part of the id. An image span takes the
+# flag of the text token just before it (an image in a user turn is context).
+NO_LOSS = 1 << 40
+
+
 @dataclass
 class SpecialIds:
     bos: int
@@ -328,10 +336,13 @@ def build_batch(rows: list[list[Piece]], row_sources: list[int], seq_len: int, i
             for it in piece.items:
                 if _is_image(it):
                     n = it.shape[0]
-                    tokens_BT[b, t] = ids.boi
+                    # An image inside context-only text (a user turn) is context too: its markers
+                    # take the NO_LOSS flag of the token before them.
+                    flag = NO_LOSS if t > start and tokens_BT[b, t - 1] & NO_LOSS else 0
+                    tokens_BT[b, t] = ids.boi | flag
                     is_patch_BT[b, t + 1:t + 1 + n] = True
                     image_ids_BT[b, t + 1:t + 1 + n] = n_img
-                    tokens_BT[b, t + n + 1] = ids.eoi
+                    tokens_BT[b, t + n + 1] = ids.eoi | flag
                     patches.append(it)
                     n_img += 1
                     t += n + 2
