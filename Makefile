@@ -5,7 +5,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo demo-sft test venv clean
 
 # requirements-download.txt: img2dataset (prepare_data.py --download), installed without its
 # webdataset<0.3 pin, which clashes with ours (see the file).
@@ -22,8 +22,12 @@ venv: $(STAMP)
 demo: $(STAMP)
 	./launch.sh
 
+# Instruction tuning of the finished demo (LLaVA-format conversations, held-out VQA before/after).
+demo-sft: demo
+	$(PYTHON) tools/demo_sft.py
+
 test: $(STAMP)
 	$(PYTHON) -m pytest -q tests
 
 clean:
-	rm -rf runs/demo data/demo
+	rm -rf runs/demo data/demo runs/demo_sft data/demo_sft

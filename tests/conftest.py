@@ -18,6 +18,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _sweep_deepspeed_shm_buffers():
+    """After each test, remove DeepSpeed CPU all-reduce buffers no live process maps (runs the
+    test killed leave ~69 MB per rank in /dev/shm; a whole suite would fill the memory)."""
+    yield
+    from pretrain.launch.shm_buffers import sweep_unmapped
+    sweep_unmapped()
+
+
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory):
     """A small deterministic demo corpus (tokenizer, shards, manifest) shared by the session."""

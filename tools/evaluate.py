@@ -32,7 +32,7 @@ from pretrain.generate.cli import (add_generation_args, add_model_args, generati
 
 def prompt_config(args, caption: bool) -> PromptConfig:
     cfg = PromptConfig(shots=args.shots, separator=args.separator.encode().decode("unicode_escape"),
-                       seed=args.seed)
+                       seed=args.seed, chat=getattr(args, "chat", False))
     if args.prompt is not None:
         if caption:
             cfg.caption_prompt = args.prompt
@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     vqa.add_argument("--questions", default=None, help="VQAv2 questions JSON")
     vqa.add_argument("--image-pattern", default="COCO_val2014_{image_id:012d}.jpg",
                      help="image file name of an image_id")
+    vqa.add_argument("--chat", action="store_true", help="ask in the chat template (instruction-tuned "
+                     "models, pretrain/configs/sft_*.yaml): <|user|> image question <|end|> <|assistant|>")
     args = p.parse_args(argv)
     out = Path(args.out)
     lm = model_from_args(args)

@@ -7,6 +7,9 @@ its filled shot template and the separator, then the query image followed by the
                                                                caption documents are trained
     captioning, 2 shots:               <img1> a dog on grass.\\n<img2> two cats.\\n<image>
     VQA:                               <image> Question: what is it? Answer:
+    VQA, chat (instruction-tuned):     <|user|> <image> what is it? <|end|> <|assistant|>
+                                       (the chat template of pretrain/data/chat_template.py;
+                                       generation stops at <|end|>; shots are earlier turns)
 
 Shots are other examples of the evaluated set (never the query), drawn with a seed per query.
 With shots, generation also stops at the separator, which ends every shot's answer.
@@ -28,6 +31,8 @@ class PromptConfig:
     shots: int = 0  # examples shown before the query (0 = zero-shot)
     separator: str = "\n"  # after each shot's text
     seed: int = 0  # picks the shots
+    chat: bool = False  # VQA in the chat template, for instruction-tuned (SFT) models
+    chat_ids: tuple = ()  # (<|user|>, <|assistant|>, <|end|>) ids, set from the model's tokenizer
 
     def stop_strings(self) -> list[str]:
         return [self.separator] if self.shots and self.separator.strip(" ") else []
@@ -55,6 +60,8 @@ def caption_prompt(examples: list[CaptionExample], index: int, cfg: PromptConfig
 
 
 def vqa_prompt(examples: list[VQAExample], index: int, cfg: PromptConfig, query_image=None) -> list:
+    if cfg.chat:
+        return _chat_vqa_prompt(examples, index, cfg, query_image)
     parts: list = []
     for j in pick_shots(index, len(examples), cfg):
         shot = examples[j]
@@ -63,3 +70,18 @@ def vqa_prompt(examples: list[VQAExample], index: int, cfg: PromptConfig, query_
     ex = examples[index]
     image = load_image(ex.image) if query_image is None else query_image
     return parts + [image] + _text_part(cfg.vqa_prompt.format(question=ex.question))
+
+
+def _chat_vqa_prompt(examples: list[VQAExample], index: int, cfg: PromptConfig, query_image=None) -> list:
+    """The question as a user turn of the chat template, then the assistant's marker; shots are
+    earlier turn pairs (user: image + question, assistant: answer)."""
+    if len(cfg.chat_ids) != 3:
+        raise ValueError("PromptConfig.chat needs chat_ids (Tokenizer.chat_ids())")
+    user, assistant, end = cfg.chat_ids
+    parts: list = []
+    for j in pick_shots(index, len(examples), cfg):
+        shot = examples[j]
+        parts += [[user], load_image(shot.image), shot.question, [end, assistant], shot.answer, [end]]
+    ex = examples[index]
+    image = load_image(ex.image) if query_image is None else query_image
+    return parts + [[user], image, ex.question, [end, assistant]]

@@ -9,6 +9,8 @@ that shows how much of a score comes from reading the pixels.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from tqdm import tqdm
 
@@ -68,6 +70,9 @@ def run_vqa(lm: InferenceModel, examples: list[VQAExample], prompt_cfg: PromptCo
             gen_cfg: GenerationConfig, batch_size: int = 16, images: str = "real",
             progress: bool = True) -> tuple[dict, list[dict]]:
     _check_mode(images)
+    if prompt_cfg.chat:  # the model's own chat markers; its answer ends at <|end|>
+        prompt_cfg = dataclasses.replace(prompt_cfg, chat_ids=lm.tokenizer.chat_ids())
+        gen_cfg = dataclasses.replace(gen_cfg, stop_ids=list(gen_cfg.stop_ids) + [prompt_cfg.chat_ids[2]])
     query = (lambda i: noise_image(lm, i)) if images == "noise" else (lambda i: None)
     outs = _generate_all(lm, len(examples), lambda i: vqa_prompt(examples, i, prompt_cfg, query(i)),
                          _with_stops(gen_cfg, prompt_cfg), batch_size, f"VQA ({images})", progress)

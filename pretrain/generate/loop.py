@@ -72,8 +72,8 @@ def generate(lm: InferenceModel, prompts: list[list], cfg: GenerationConfig | No
             for b, i in enumerate(nxt_B.tolist()):
                 if reasons[b]:
                     continue
-                if i == tok.eos_id:
-                    reasons[b] = "eos"
+                if i == tok.eos_id or i in cfg.stop_ids:
+                    reasons[b] = "eos" if i == tok.eos_id else "stop"
                     continue
                 ids[b].append(i)
                 if cfg.stop:

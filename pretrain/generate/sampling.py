@@ -18,6 +18,7 @@ class GenerationConfig:
     top_p: float = 1.0  # nucleus sampling: the smallest set of tokens with probability >= top_p
     top_k: int = 0  # sample among the k most likely tokens only (0: all)
     stop: list[str] = field(default_factory=list)  # stop strings; the text is cut before the first one
+    stop_ids: list[int] = field(default_factory=list)  # token ids that end a row like EOS (chat: <|end|>)
     seed: int = 0  # seed of the sampling generator
     use_cache: bool = True  # False: rerun the whole sequence every step (the reference path)
 

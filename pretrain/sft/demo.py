@@ -70,7 +70,7 @@ def make_demo_sft_data(out: str, n_train: int = 1200, n_val: int = 150, n_text: 
             qid = i * 10 + list(QUESTIONS).index(k)
             questions.append({"image_id": i, "question": q, "question_id": qid, "question_type": k})
             ans = _answer(spec, k)
-            annotations.append({"image_id": i, "question_id": qid, "question_type": k, "answer_type": "other",
+            annotations.append({"image_id": i, "question_id": qid, "question_type": k, "answer_type": k,
                                 "multiple_choice_answer": ans,
                                 "answers": [{"answer": ans, "answer_id": a + 1, "answer_confidence": "yes"}
                                             for a in range(10)]})
