@@ -180,6 +180,24 @@ def test_stop_strings_cut_the_text(tok):
         assert f.token_ids[:len(s.token_ids)] == s.token_ids
 
 
+def test_stop_ids_end_a_row_like_eos(tok):
+    """GenerationConfig.stop_ids (the chat template's <|end|>): the row ends at the first such id,
+    which is left out of the ids and the text, and the text is the decoded ids before it."""
+    lm = InferenceModel(tiny_model("early", tok.vocab_size, seed=5), tok, IMAGE, PATCH)
+    prompts = prompts_of(np.random.default_rng(3))
+    free = generate(lm, prompts, GenerationConfig(max_new_tokens=12))
+    ids = free[1].token_ids
+    assert len(ids) > 3, ids
+    k = len(ids) // 2
+    stop_id = ids[k]
+    stopped = generate(lm, prompts, GenerationConfig(max_new_tokens=12, stop_ids=[stop_id]))
+    first = ids.index(stop_id)
+    assert stopped[1].finish_reason == "stop" and stopped[1].token_ids == ids[:first]
+    assert stopped[1].text == tok.decode(ids[:first])
+    for f, s in zip(free, stopped):  # a stop id only ever shortens a generation
+        assert f.token_ids[:len(s.token_ids)] == s.token_ids
+
+
 def test_late_fusion_encoder_runs_once_in_prefill(tok):
     model = tiny_model("late", tok.vocab_size, seed=6)
     calls = []

@@ -74,6 +74,7 @@ def generate(lm: InferenceModel, prompts: list[list], cfg: GenerationConfig | No
                     continue
                 if i == tok.eos_id or i in cfg.stop_ids:
                     reasons[b] = "eos" if i == tok.eos_id else "stop"
+                    texts[b] = tok.decode(ids[b])  # a stop id ends the text like EOS (not part of it)
                     continue
                 ids[b].append(i)
                 if cfg.stop:
