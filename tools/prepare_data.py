@@ -69,7 +69,10 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--jpeg-quality", type=int, default=D.jpeg_quality)
     ap.add_argument("--max-caption-tokens", type=int, default=D.max_caption_tokens)
     ap.add_argument("--max-doc-tokens", type=int, default=D.max_doc_tokens,
-                    help="longer text/interleaved documents are split at paragraph boundaries")
+                    help="longer text/interleaved documents are split at paragraph boundaries; "
+                         "longer llava conversations are skipped (too_long)")
+    ap.add_argument("--image-tokens", type=int, default=D.image_tokens,
+                    help="tokens an image counts for in those lengths (patches + <boi>/<eoi> for llava)")
     ap.add_argument("--image-column", default=D.image_column)
     ap.add_argument("--caption-column", default=D.caption_column)
     ap.add_argument("--text-field", default=D.text_field)
@@ -134,7 +137,7 @@ def main() -> None:
                        val_fraction=a.val_fraction, val_min_docs=a.val_min_docs, shard_samples=a.shard_samples,
                        image_size=a.image_size, max_pixels=a.max_pixels, min_image_size=a.min_image_size,
                        jpeg_quality=a.jpeg_quality, max_caption_tokens=a.max_caption_tokens,
-                       max_doc_tokens=a.max_doc_tokens, workers=a.workers, image_column=a.image_column,
+                       max_doc_tokens=a.max_doc_tokens, image_tokens=a.image_tokens, workers=a.workers, image_column=a.image_column,
                        caption_column=a.caption_column, text_field=a.text_field, image_root=a.image_root,
                        download_cache=cache, progress=not a.no_progress)
     download = _download(a, inputs, cfg) if a.download else None
