@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.engines import synthetic_batch as _batch  # the same deterministic micro-batches
 from tests.helpers import spawn_workers
 
 WORLD = 2
@@ -26,7 +27,6 @@ STEPS = 3
 GAS = 2
 MICRO = 2
 SEQ = 16
-PATCH_DIM = 3 * 2 * 2
 
 
 def _run_cfg(zero: int, ep: int, clip: float = 0.05):
@@ -44,28 +44,6 @@ def _run_cfg(zero: int, ep: int, clip: float = 0.05):
     t.grad_clip, t.precision, t.lr, t.weight_decay = clip, "fp32", 1e-2, 1e-4
     cfg.validate(WORLD)
     return cfg
-
-
-def _batch(rank: int, step: int, micro: int, text_only: bool = False):
-    """A deterministic micro-batch per (rank, step, micro): one image span of 4 patches in row 0,
-    unless text_only (then no image tokens at all)."""
-    from pretrain.batch import PackedBatch
-
-    g = torch.Generator().manual_seed(1000 * rank + 10 * step + micro)
-    tokens = torch.randint(0, 64, (MICRO, SEQ), generator=g)
-    is_patch = torch.zeros(MICRO, SEQ, dtype=torch.bool)
-    if not text_only:
-        is_patch[0, 3:7] = True
-    image_ids = torch.full((MICRO, SEQ), -1, dtype=torch.int32)
-    image_ids[is_patch] = 0
-    labels = torch.roll(tokens, -1, 1)
-    labels[:, -1] = -100
-    labels[torch.roll(is_patch, -1, 1) | is_patch] = -100
-    return PackedBatch(tokens=tokens, patches=torch.randn(int(is_patch.sum()), PATCH_DIM, generator=g),
-                       is_patch=is_patch, doc_ids=torch.zeros(MICRO, SEQ, dtype=torch.int32),
-                       image_ids=image_ids,
-                       position_ids=torch.arange(SEQ, dtype=torch.int32).expand(MICRO, SEQ).contiguous(),
-                       labels=labels, source_ids=torch.zeros(MICRO, SEQ, dtype=torch.int8))
 
 
 def _engine(cfg, seed: int = 0):
